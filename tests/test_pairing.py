@@ -1,0 +1,46 @@
+"""KL pairing and the step schedule: the data-time decisions that make z0 honest and
+training independent of the worker count."""
+
+import numpy as np
+import pytest
+
+from pipeline.data import DataError, build_schedule, kl_partners
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 4, 7, 8, 16])
+@pytest.mark.parametrize("num_rows", [2, 3, 5, 8, 9, 15, 16, 17, 31, 100])
+def test_no_self_pairs_and_partners_stay_in_their_block(block_size, num_rows):
+    partners = kl_partners(num_rows, block_size)
+    rows = np.arange(num_rows)
+    assert (partners != rows).all()
+    assert sorted(partners) == list(rows)  # every completion is used exactly once as a KL completion
+    full_blocks = max(num_rows // block_size, 1)
+    last_start = (full_blocks - 1) * block_size
+    for i in range(num_rows):
+        block_start = min(i // block_size * block_size, last_start)
+        assert partners[i] >= block_start and (partners[i] < block_start + block_size or block_start == last_start)
+
+
+def test_rule_is_next_row_of_the_block_with_short_last_block_folded():
+    # 10 rows, blocks of 4: [0..3], then [4..9] (the 2 leftover rows join the previous block)
+    assert kl_partners(10, 4).tolist() == [1, 2, 3, 0, 5, 6, 7, 8, 9, 4]
+    assert kl_partners(3, 8).tolist() == [1, 2, 0]
+
+
+def test_block_below_two_and_single_row_are_refused():
+    with pytest.raises(ValueError):
+        kl_partners(10, 1)
+    with pytest.raises(DataError):
+        kl_partners(1, 4)
+
+
+def test_schedule_covers_each_epoch_once_and_does_not_depend_on_workers():
+    schedule = build_schedule(num_rows=10, global_batch_size=4, num_train_epochs=2, max_steps=-1, seed=3)
+    steps, slots, rows = (schedule.column(c).to_numpy() for c in ("step", "slot", "row_index"))
+    assert steps.max() + 1 == 6  # 3 steps an epoch, the last one partial
+    for epoch_steps in ((0, 1, 2), (3, 4, 5)):
+        assert sorted(rows[np.isin(steps, epoch_steps)]) == list(range(10))
+    assert (slots[steps == 2] == [0, 1]).all()
+    again = build_schedule(num_rows=10, global_batch_size=4, num_train_epochs=2, max_steps=-1, seed=3)
+    assert again.equals(schedule)
+    assert build_schedule(10, 4, 1, max_steps=7, seed=3).column("step").to_numpy().max() == 6

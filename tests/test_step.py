@@ -1,0 +1,79 @@
+"""The training step without Ray: what gradient accumulation and z0 must do on one process."""
+
+import copy
+
+import torch
+
+from pipeline.logprobs import collate, sequence_logps
+from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step
+
+
+def _rows(tokenizer, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    completions = [torch.randint(3, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+                   + [tokenizer.eos_token_id] for _ in range(n)]
+    return prompts, completions
+
+
+def _micro_batch(prompts, completions, labels, ref, ref_kl, rows):
+    return MicroBatch([prompts[i] for i in rows], [completions[i] for i in rows],
+                      [completions[(i + 1) % len(prompts)] for i in rows], labels[rows], ref[rows], ref_kl[rows])
+
+
+def test_accumulation_matches_one_batch_and_z0_is_the_clamped_global_mean(tiny_model):
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    base = load_causal_lm(tiny_model)
+    disable_dropout(base)
+    prompts, completions = _rows(tokenizer)
+    labels = torch.tensor([True, False, False, True, False, False])
+    kl_completions = [completions[(i + 1) % 6] for i in range(6)]
+    with torch.no_grad():
+        policy_kl = sequence_logps(base, collate(prompts, kl_completions, tokenizer.pad_token_id))
+    # A reference below the policy on the KL pairs makes the KL estimate positive: clamp inactive.
+    ref = torch.zeros(6)
+    ref_kl = policy_kl - torch.linspace(0.1, 0.6, 6)
+    settings = StepSettings(beta=0.1, desirable_weight=1.3, undesirable_weight=1.0, loss_type="kto",
+                            max_grad_norm=1.0, pad_token_id=tokenizer.pad_token_id)
+
+    results = []
+    for groups in ([[0, 1, 2, 3, 4, 5]], [[0, 1, 2], [3, 4, 5]], [[0], [1, 2, 3, 4], [5]]):
+        model = copy.deepcopy(base).train()
+        # Adam turns float-order noise in near-zero gradients into steps of up to lr, so a
+        # modest lr keeps that noise under the tolerance while every weight still moves.
+        optimizer, scheduler = make_optimizer(model, 1e-4, 0.0, "constant", 0.0, 10)
+        batches = [_micro_batch(prompts, completions, labels, ref, ref_kl, g) for g in groups]
+        results.append((train_step(model, optimizer, scheduler, batches, settings), model.state_dict()))
+
+    first_metrics, first_weights = results[0]
+    assert abs(first_metrics["kl_unclamped"] - torch.linspace(0.1, 0.6, 6).mean().item()) < 1e-5
+    assert first_metrics["kl"] == first_metrics["kl_unclamped"] or abs(
+        first_metrics["kl"] - first_metrics["kl_unclamped"]) < 1e-6
+    assert first_metrics["examples"] == 6
+    for metrics, weights in results[1:]:
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm", "num_tokens"):
+            assert abs(metrics[key] - first_metrics[key]) <= 1e-5 * max(1.0, abs(first_metrics[key])), key
+        for name in first_weights:
+            torch.testing.assert_close(weights[name], first_weights[name], rtol=1e-5, atol=1e-7)
+
+
+def test_negative_kl_estimate_is_clamped_to_zero(tiny_model):
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model).train()
+    prompts, completions = _rows(tokenizer, n=4, seed=1)
+    kl_completions = [completions[(i + 1) % 4] for i in range(4)]
+    with torch.no_grad():
+        policy_kl = sequence_logps(model, collate(prompts, kl_completions, tokenizer.pad_token_id))
+    labels = torch.tensor([True, False, True, False])
+    batch = _micro_batch(prompts, completions, labels, torch.zeros(4), policy_kl + 2.0, list(range(4)))
+    optimizer, scheduler = make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10)
+    settings = StepSettings(0.1, 1.0, 1.0, "kto", 1.0, tokenizer.pad_token_id)
+    metrics = train_step(model, optimizer, scheduler, [batch], settings)
+    assert abs(metrics["kl_unclamped"] + 2.0) < 1e-5
+    assert metrics["kl"] == 0.0
