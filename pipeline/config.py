@@ -142,7 +142,7 @@ def _build(cls, raw: dict, prefix: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; known keys here: {', '.join(known)}")
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; known keys here: {', '.join(known)}")
     values = {}
     for name, value in raw.items():
         f = known[name]

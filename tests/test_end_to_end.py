@@ -1,0 +1,102 @@
+"""`launch.py train` end to end on a tiny random-init model: the run directory, the
+quarantine, the reference cache, and re-running the same run name."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import write_feedback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_FIELDS = ("step", "loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "num_tokens", "examples")
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_model):
+    # Hive-style partitions, one bad row in each kind of problem, an extra column.
+    data = tmp_path / "feedback"
+    write_feedback(str(data / "date=2026-11-20" / "part-0.parquet"), rows=14, seed=1)
+    bad = pa.table({"prompt": ["fine prompt?", "", None], "completion": ["", "an answer.", "another."],
+                    "label": [True, False, None], "extra": [100, 101, 102]})
+    good = pq.read_table(write_feedback(str(data / "date=2026-11-21" / "part-0.parquet"), rows=12, seed=2))
+    pq.write_table(pa.concat_tables([good, bad]), str(data / "date=2026-11-21" / "part-0.parquet"))
+    config = {
+        "data": {"path": str(data), "kl_block_size": 4},
+        "model": {"name_or_path": tiny_model, "cache_dir": str(tmp_path / "models")},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "kto": {"max_length": 64, "max_prompt_length": 32, "desirable_weight": "auto"},
+        "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 3, "save_steps": 2},
+        "scaling": {"num_workers": 2},
+        "output": {"output_dir": str(tmp_path / "runs"), "run_name": "first"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path), tmp_path / "runs"
+
+
+def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run):
+    config, runs = tiny_run
+    first = launch("train", "--config", config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = runs / "first"
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl",
+                 "summary.json", "config.yaml", "rejected/train.parquet"):
+        assert (run / name).is_file(), name
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
+    assert model.num_parameters() > 0 and AutoTokenizer.from_pretrained(str(run / "model")).eos_token == "<eos>"
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for metrics in lines:
+        assert set(METRIC_FIELDS) <= set(metrics)
+        assert metrics["examples"] == 8 and metrics["num_tokens"] > 0
+
+    summary = json.loads((run / "summary.json").read_text())
+    counts = summary["data"]
+    assert counts["read"] == 29 and counts["rejected"] == 3
+    assert counts["read"] == counts["kept"] + counts["rejected"]
+    assert counts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
+    assert counts["reference_cache_hit"] is False and summary["num_workers"] == 2
+    rejected = pq.read_table(str(run / "rejected" / "train.parquet"))
+    assert sorted(rejected.column("extra").to_pylist()) == [100, 101, 102]
+    assert {"reason", "source_file", "source_row"} <= set(rejected.column_names)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["kto"]["desirable_weight"] == "auto" and resolved["scaling"]["num_workers"] == 2
+    assert os.listdir(run / "ray_train")  # Ray Train's checkpoints live under the storage path
+
+    second = launch("train", "--config", config, "--set", "output.run_name=second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((runs / "second" / "summary.json").read_text())
+    assert again["data"]["reference_cache_hit"] is True
+    assert again["data"]["fingerprint"] == counts["fingerprint"]
+
+    # The same run name again resumes from its last checkpoint: no step runs twice.
+    rerun = launch("train", "--config", config)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path):
+    config, _ = tiny_run
+    result = launch("train", "--config", config, "--set", "data.kl_block_size=1")
+    assert result.returncode == 2 and "data.kl_block_size = 1" in result.stderr
+    result = launch("train", "--config", config, "--set", f"data.path={tmp_path}/nowhere")
+    assert result.returncode == 2 and "nowhere" in result.stderr and "does not exist" in result.stderr
+    result = launch("train", "--config", config, "--set", "kto.bta=0.2")
+    assert result.returncode == 2 and "unknown key 'kto.bta'" in result.stderr
