@@ -53,7 +53,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
     final = summary["final_metrics"]
     print(f"\nrun directory: {run_dir}")
     print(f"steps: {summary['steps']}  final loss: {final['loss']:.4f}  kl: {final['kl']:.4f}  "
-          f"wall time: {summary['wall_time_s']:.0f} s")
+          f"wall time: {summary['wall_time_s']:.0f} s  training: {summary['train_tokens_per_s']:.0f} tokens/s")
     for name in ("eval_before", "eval_after"):
         if summary.get(name):
             print(f"held-out {name.split('_')[1]:>6} training: " + json.dumps(

@@ -43,8 +43,9 @@ def start_ray(config: Config) -> None:
                           f"{available.get('GPU', 0):g} GPUs")
 
 
-def prepare(config: Config, data_path: str, model_path: str, reference_path: str) -> tuple[pa.Table, dict]:
-    """Read, tokenize, pair and score one data source; returns the scored rows and their counts."""
+def prepare(config: Config, data_path: str, model_path: str, reference_path: str,
+            pad_token_id: int) -> tuple[pa.Table, dict, pa.Table]:
+    """Read, tokenize, pair and score one data source: the scored rows, their counts, the rejected rows."""
     k = config.kto
     feedback = read_and_tokenize(data_path, model_path, k.max_length, k.max_prompt_length,
                                  config.model.trust_remote_code)
@@ -55,7 +56,7 @@ def prepare(config: Config, data_path: str, model_path: str, reference_path: str
     r = config.reference
     scored, cache_hit = score_with_cache(
         paired, r.cache_dir, key, backend=r.backend, reference_path=reference_path,
-        pad_token_id=load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id,
+        pad_token_id=pad_token_id,
         num_replicas=r.num_replicas, num_cpus_per_replica=r.num_cpus_per_replica,
         num_gpus_per_replica=r.num_gpus_per_replica, max_tokens_per_batch=r.max_tokens_per_batch,
         trust_remote_code=config.model.trust_remote_code)
@@ -110,13 +111,14 @@ def train(config: Config) -> dict:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     model_path = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
     reference_path = resolve_model_path(config.reference.model or config.model.name_or_path, config.model.cache_dir)
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     if config.data.generate_demo:
         from pipeline.demo_data import ensure_demo_data
 
-        ensure_demo_data(config.data.path, config.eval.path, load_tokenizer(model_path))
+        ensure_demo_data(config.data.path, config.eval.path, tokenizer)
     start_ray(config)
 
-    scored, counts, rejected = prepare(config, config.data.path, model_path, reference_path)
+    scored, counts, rejected = prepare(config, config.data.path, model_path, reference_path, tokenizer.pad_token_id)
     if rejected.num_rows:
         os.makedirs(os.path.join(run_dir, "rejected"), exist_ok=True)
         pq.write_table(rejected, os.path.join(run_dir, "rejected", "train.parquet"))
@@ -128,11 +130,10 @@ def train(config: Config) -> dict:
     pq.write_table(schedule, schedule_path)
     scored_path = os.path.join(os.path.abspath(config.reference.cache_dir), counts["fingerprint"], "scored.parquet")
 
-    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-    eval_scored = None
-    before = after = None
+    eval_scored = eval_counts = before = after = None
     if config.eval.path:
-        eval_scored, eval_counts, _ = prepare(config, config.eval.path, model_path, reference_path)
+        eval_scored, eval_counts, _ = prepare(config, config.eval.path, model_path, reference_path,
+                                              tokenizer.pad_token_id)
         before = held_out_check(config, load_causal_lm(model_path, config.model.trust_remote_code).eval(),
                                 tokenizer, eval_scored)
         log.info("held-out before training: %s", before)
@@ -158,20 +159,26 @@ def train(config: Config) -> dict:
         run_config=RunConfig(name="ray_train", storage_path=config.output.storage_path or run_dir,
                              failure_config=FailureConfig(max_failures=0)),
     )
+    fit_started = time.time()
     trainer.fit()
+    train_time = time.time() - fit_started
 
     if eval_scored is not None:
         after = held_out_check(config, load_causal_lm(os.path.join(run_dir, "model")).eval(), tokenizer, eval_scored)
         log.info("held-out after training: %s", after)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        final = json.loads(f.readlines()[-1])
+        steps = [json.loads(line) for line in f]
+    # Tokens of the policy's training forwards (prompt + completion, padding excluded) over the
+    # Ray Train run's wall time, worker start-up and checkpoints included.
+    tokens = sum(step["num_tokens"] for step in steps)
     summary = {
-        "final_metrics": final, "data": counts, "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
-        "desirable_weight": desirable_weight, "num_workers": s.num_workers, "global_batch_size": config.global_batch_size,
-        "steps": schedule.column("step").to_numpy().max() + 1 if schedule.num_rows else 0,
-        "eval_before": before, "eval_after": after, "wall_time_s": round(time.time() - started, 1),
+        "final_metrics": steps[-1], "steps": len(steps), "data": counts, "eval_data": eval_counts,
+        "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
+        "desirable_weight": desirable_weight, "num_workers": s.num_workers,
+        "global_batch_size": config.global_batch_size, "eval_before": before, "eval_after": after,
+        "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / train_time, 1),
+        "wall_time_s": round(time.time() - started, 1),
     }
-    summary["steps"] = int(summary["steps"])
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
