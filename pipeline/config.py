@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class ReferenceConfig:
-    backend: str = "hf"  # hf (transformers forward) | vllm (a later issue)
+    backend: str = "hf"  # hf: a transformers forward (vllm plugs in beside it)
     model: Optional[str] = None  # None: the policy's initial weights
     num_replicas: int = 1
     num_cpus_per_replica: float = 1.0
@@ -176,7 +176,8 @@ def validate(c: Config) -> None:
     """Every check that can run before any data is read."""
     _check(c.data.kl_block_size >= 2, "data.kl_block_size", c.data.kl_block_size,
            "must be >= 2 (a block of 1 would pair a row with its own completion)")
-    _check(c.reference.backend in ("hf", "vllm"), "reference.backend", c.reference.backend, "hf or vllm")
+    _check(c.reference.backend == "hf", "reference.backend", c.reference.backend,
+           "hf (the vllm backend is not in this version yet)")
     _check(c.reference.num_replicas >= 1, "reference.num_replicas", c.reference.num_replicas, ">= 1")
     _check(c.kto.loss_type in LOSS_TYPES, "kto.loss_type", c.kto.loss_type, " | ".join(LOSS_TYPES))
     _check(c.kto.beta > 0, "kto.beta", c.kto.beta, "> 0")

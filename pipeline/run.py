@@ -3,6 +3,7 @@ Train run, held-out checks, and the files of the run directory. One function a s
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -29,7 +30,9 @@ def start_ray(config: Config) -> None:
             ray.init(address=s.address, runtime_env=RUNTIME_ENV)
         else:
             # Ray Data needs CPUs of its own beside the training workers, or it waits forever.
-            num_cpus = s.embedded_num_cpus or int(s.num_workers * cpus_per_worker) + 2
+            r = config.reference
+            busiest = max(s.num_workers * cpus_per_worker, r.num_replicas * r.num_cpus_per_replica)
+            num_cpus = s.embedded_num_cpus or int(math.ceil(busiest)) + 2
             ray.init(num_cpus=num_cpus, runtime_env=RUNTIME_ENV)
     available = ray.cluster_resources()
     wanted_cpus = s.num_workers * cpus_per_worker + 1
@@ -38,6 +41,13 @@ def start_ray(config: Config) -> None:
             f"Ray has {available.get('CPU', 0):g} CPUs but this run needs {wanted_cpus:g} "
             f"({s.num_workers} workers x {cpus_per_worker:g} CPU + 1 for the data stage); lower "
             "scaling.num_workers or raise scaling.embedded_num_cpus, or the run would hang waiting for CPUs")
+    r = config.reference
+    if r.num_replicas * r.num_cpus_per_replica > available.get("CPU", 0) or (
+            r.num_replicas * r.num_gpus_per_replica > available.get("GPU", 0)):
+        raise ConfigError(
+            f"reference.num_replicas = {r.num_replicas} replicas of {r.num_cpus_per_replica:g} CPU and "
+            f"{r.num_gpus_per_replica:g} GPU do not fit in Ray's {available.get('CPU', 0):g} CPUs and "
+            f"{available.get('GPU', 0):g} GPUs; lower reference.num_replicas or the per-replica resources")
     if s.use_gpu and available.get("GPU", 0) < s.num_workers * s.resources_per_worker.get("GPU", 1):
         raise ConfigError(f"scaling.use_gpu with {s.num_workers} workers, but Ray has "
                           f"{available.get('GPU', 0):g} GPUs")
@@ -169,14 +179,15 @@ def train(config: Config) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f]
     # Tokens of the policy's training forwards (prompt + completion, padding excluded) over the
-    # Ray Train run's wall time, worker start-up and checkpoints included.
+    # time spent in training steps (worker start-up and checkpoints are in train_time_s).
     tokens = sum(step["num_tokens"] for step in steps)
+    step_time = sum(step["step_time_s"] for step in steps)
     summary = {
         "final_metrics": steps[-1], "steps": len(steps), "data": counts, "eval_data": eval_counts,
         "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
         "desirable_weight": desirable_weight, "num_workers": s.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": before, "eval_after": after,
-        "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / train_time, 1),
+        "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / step_time, 1),
         "wall_time_s": round(time.time() - started, 1),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

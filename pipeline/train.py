@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,6 +195,8 @@ def train_loop_per_worker(config: dict) -> None:
                 start_step = json.load(f)["step"]
             model = load_causal_lm(folder, config["trust_remote_code"])
             state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+        if rank == 0:
+            print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
     else:
         model = load_causal_lm(model_path, config["trust_remote_code"])
         state = None
@@ -212,7 +215,9 @@ def train_loop_per_worker(config: dict) -> None:
     settings = StepSettings(**config["step_settings"])
     for step in range(start_step, total_steps):
         micro_batches = [gather_micro_batch(columns, rows) for rows in plan[step] if rows]
+        started = time.perf_counter()
         metrics = {"step": step + 1, **train_step(model, optimizer, scheduler, micro_batches, settings)}
+        metrics["step_time_s"] = round(time.perf_counter() - started, 3)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,39 @@
+"""The config: YAML + --set overrides, validated once with messages that name key and value."""
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_defaults_file_and_overrides_combine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kto:\n  beta: 0.2\ntraining:\n  learning_rate: 1\n")
+    config = load_config(str(path), ("kto.beta=0.3", "kto.desirable_weight=auto", "scaling.num_workers=4"))
+    assert config.kto.beta == 0.3 and config.kto.desirable_weight == "auto"
+    assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
+    assert config.scaling.num_workers == 4 and config.global_batch_size == 4 * 8
+    assert config.kto.max_length == 1024  # untouched default
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.kl_block_size=1", "data.kl_block_size = 1"),
+    ("kto.loss_type=dpo", "kto.loss_type = 'dpo'"),
+    ("kto.max_prompt_length=2000", "kto.max_prompt_length = 2000"),
+    ("kto.beta=high", "kto.beta = 'high': expected float"),
+    ("training.lr=1", "unknown key 'training.lr'"),
+    ("beta=1", "expected section.key=value"),
+    ("reference.backend=tgi", "reference.backend = 'tgi'"),
+])
+def test_invalid_values_name_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, (override,))
+
+
+def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
+    from pipeline.run import start_ray
+
+    available = int(ray_local.cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match="would hang"):
+        start_ray(load_config(None, (f"scaling.num_workers={available}",)))
+    with pytest.raises(ConfigError, match="reference.num_replicas"):
+        start_ray(load_config(None, (f"reference.num_replicas={available + 1}",)))
