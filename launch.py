@@ -1,6 +1,7 @@
 """Command line of the KTO pipeline. It parses, loads the config, and calls one function a command.
 
     python launch.py train [--config configs/default.yaml] [--set section.key=value ...] [--address auto]
+    python launch.py precompute [same options]   # data + reference stages only
 """
 
 import argparse
@@ -21,11 +22,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="read, score and train end to end; write the run directory",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (repeatable), e.g. --set kto.beta=0.2")
-    train.add_argument("--address", default=None,
-                       help="Ray cluster to run on (auto, ray://HOST:10001); default: an embedded local Ray")
+    precompute = commands.add_parser(
+        "precompute", help="only the data and reference stages: fill the reference cache (score once, train many)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for command in (train, precompute):
+        command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override one config value (repeatable), e.g. --set kto.beta=0.2")
+        command.add_argument("--address", default=None,
+                             help="Ray cluster to run on (auto, ray://HOST:10001); default: an embedded local Ray")
     return parser.parse_args(argv)
 
 
@@ -34,6 +39,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.config import ConfigError, load_config
     from pipeline.data import DataError
+    from pipeline.drift import DriftError
 
     try:
         overrides = list(args.overrides) + ([f"scaling.address={args.address}"] if args.address else [])
@@ -41,9 +47,14 @@ def main(argv=None) -> int:
         if args.command == "train":
             from pipeline.run import train
 
-            summary = train(config)
-            print_summary(summary, config.run_dir)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+            print_summary(train(config), config.run_dir)
+        elif args.command == "precompute":
+            from pipeline.run import precompute
+
+            prepared = precompute(config)
+            print(json.dumps({"scored": prepared.scored_path, "data": prepared.counts,
+                              "eval_data": prepared.eval_counts}, indent=2))
+    except (ConfigError, DataError, DriftError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

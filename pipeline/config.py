@@ -36,13 +36,20 @@ class ModelConfig:
 
 @dataclass
 class ReferenceConfig:
-    backend: str = "hf"  # hf: a transformers forward (vllm plugs in beside it)
+    backend: str = "hf"  # hf: a transformers forward | vllm: a vLLM engine (CUDA build, or the CPU build)
     model: Optional[str] = None  # None: the policy's initial weights
+    dtype: str = "float32"  # float32 | bfloat16 | float16; float32 keeps step 0 honest (see drift_max_abs)
     num_replicas: int = 1
     num_cpus_per_replica: float = 1.0
-    num_gpus_per_replica: float = 0.0
-    max_tokens_per_batch: int = 4096  # padded tokens per forward, length-grouped
+    num_gpus_per_replica: float = 0.0  # vllm on GPUs: tensor_parallel_size
+    max_tokens_per_batch: int = 4096  # hf: padded tokens per forward, length-grouped
+    tensor_parallel_size: int = 1  # vllm
+    gpu_memory_utilization: float = 0.9  # vllm on GPUs
     cache_dir: str = ".cache/reference"
+    # Step-0 drift check: on this many rows, the initial policy's own log-probs against the cached
+    # reference values; above drift_max_abs nats on any sequence the run stops (0 rows: no check).
+    drift_check_rows: int = 64
+    drift_max_abs: float = 0.05
 
 
 @dataclass
@@ -176,9 +183,17 @@ def validate(c: Config) -> None:
     """Every check that can run before any data is read."""
     _check(c.data.kl_block_size >= 2, "data.kl_block_size", c.data.kl_block_size,
            "must be >= 2 (a block of 1 would pair a row with its own completion)")
-    _check(c.reference.backend == "hf", "reference.backend", c.reference.backend,
-           "hf (the vllm backend is not in this version yet)")
-    _check(c.reference.num_replicas >= 1, "reference.num_replicas", c.reference.num_replicas, ">= 1")
+    r = c.reference
+    _check(r.backend in ("hf", "vllm"), "reference.backend", r.backend, "hf | vllm")
+    _check(r.dtype in ("float32", "bfloat16", "float16"), "reference.dtype", r.dtype, "float32 | bfloat16 | float16")
+    _check(r.num_replicas >= 1, "reference.num_replicas", r.num_replicas, ">= 1")
+    _check(r.tensor_parallel_size >= 1, "reference.tensor_parallel_size", r.tensor_parallel_size, ">= 1")
+    _check(r.backend != "vllm" or r.num_gpus_per_replica in (0, r.tensor_parallel_size),
+           "reference.num_gpus_per_replica", r.num_gpus_per_replica,
+           f"0 (CPU) or reference.tensor_parallel_size ({r.tensor_parallel_size}): a vLLM replica owns its GPUs")
+    _check(0 < r.gpu_memory_utilization <= 1, "reference.gpu_memory_utilization", r.gpu_memory_utilization, "in (0, 1]")
+    _check(r.drift_check_rows >= 0, "reference.drift_check_rows", r.drift_check_rows, ">= 0")
+    _check(r.drift_max_abs > 0, "reference.drift_max_abs", r.drift_max_abs, "> 0 (nats)")
     _check(c.kto.loss_type in LOSS_TYPES, "kto.loss_type", c.kto.loss_type, " | ".join(LOSS_TYPES))
     _check(c.kto.beta > 0, "kto.beta", c.kto.beta, "> 0")
     dw = c.kto.desirable_weight

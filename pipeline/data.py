@@ -164,10 +164,15 @@ def kl_partners(num_rows: int, block_size: int) -> np.ndarray:
     return partners
 
 
-def add_kl_pairs(kept: pa.Table, block_size: int) -> tuple[pa.Table, dict]:
+def add_kl_pairs(kept: pa.Table, block_size: int, max_length: int) -> tuple[pa.Table, dict]:
+    """Adds `row_index` and `kl_completion_ids`: the partner's completion, cut (from the right)
+    to what this row's prompt leaves of max_length, as every completion is."""
     partners = kl_partners(kept.num_rows, block_size)
+    completions = kept.column("completion_ids").to_pylist()
+    kl_completions = [completions[j][: max_length - len(prompt)]
+                      for j, prompt in zip(partners, kept.column("prompt_ids").to_pylist())]
     table = kept.append_column("row_index", pa.array(np.arange(kept.num_rows), pa.int64()))
-    table = table.append_column("kl_completion_ids", kept.column("completion_ids").take(pa.array(partners)))
+    table = table.append_column("kl_completion_ids", pa.array(kl_completions, pa.list_(pa.int32())))
     folded = kept.num_rows % block_size if kept.num_rows > block_size else 0
     return table, {"kl_block_size": block_size, "kl_rows_folded_into_last_block": folded}
 

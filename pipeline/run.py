@@ -6,16 +6,20 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import yaml
 
+from actors.reference import ScoringOptions
 from pipeline.config import Config, ConfigError
 from pipeline.data import add_kl_pairs, build_schedule, label_counts, read_and_tokenize
+from pipeline.drift import DriftError, sample_rows, step0_drift
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path
-from pipeline.scoring import fingerprint, score_with_cache
+from pipeline.scoring import cache_path, fingerprint, score_with_cache
 
 log = logging.getLogger("kto")
 RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
@@ -53,29 +57,92 @@ def start_ray(config: Config) -> None:
                           f"{available.get('GPU', 0):g} GPUs")
 
 
+@dataclass
+class Prepared:
+    """What the data and reference stages leave for training."""
+    model_path: str
+    reference_path: str
+    tokenizer: object
+    scored: pa.Table
+    scored_path: str
+    counts: dict
+    eval_scored: Optional[pa.Table] = None
+    eval_counts: Optional[dict] = None
+
+
 def prepare(config: Config, data_path: str, model_path: str, reference_path: str,
             pad_token_id: int) -> tuple[pa.Table, dict, pa.Table]:
     """Read, tokenize, pair and score one data source: the scored rows, their counts, the rejected rows."""
-    k = config.kto
+    k, r = config.kto, config.reference
     feedback = read_and_tokenize(data_path, model_path, k.max_length, k.max_prompt_length,
                                  config.model.trust_remote_code)
-    paired, pairing = add_kl_pairs(feedback.kept, config.data.kl_block_size)
+    paired, pairing = add_kl_pairs(feedback.kept, config.data.kl_block_size, k.max_length)
     settings = {"max_length": k.max_length, "max_prompt_length": k.max_prompt_length,
-                "kl_block_size": config.data.kl_block_size, "backend": config.reference.backend}
+                "kl_block_size": config.data.kl_block_size, "backend": r.backend, "dtype": r.dtype}
     key = fingerprint(feedback.files, model_path, reference_path, settings)
-    r = config.reference
+    options = ScoringOptions(dtype=r.dtype, max_tokens_per_batch=r.max_tokens_per_batch,
+                             trust_remote_code=config.model.trust_remote_code,
+                             tensor_parallel_size=r.tensor_parallel_size,
+                             gpu_memory_utilization=r.gpu_memory_utilization,
+                             cache_root=os.path.join(r.cache_dir, "vllm"))
     scored, cache_hit = score_with_cache(
-        paired, r.cache_dir, key, backend=r.backend, reference_path=reference_path,
-        pad_token_id=pad_token_id,
+        paired, r.cache_dir, key, backend=r.backend, reference_path=reference_path, pad_token_id=pad_token_id,
         num_replicas=r.num_replicas, num_cpus_per_replica=r.num_cpus_per_replica,
-        num_gpus_per_replica=r.num_gpus_per_replica, max_tokens_per_batch=r.max_tokens_per_batch,
-        trust_remote_code=config.model.trust_remote_code)
+        num_gpus_per_replica=r.num_gpus_per_replica, options=options)
     reasons = feedback.rejected.column("reason").to_pylist()
     counts = {"read": feedback.kept.num_rows + feedback.rejected.num_rows, "kept": feedback.kept.num_rows,
               "rejected": feedback.rejected.num_rows,
               "rejected_by_reason": {reason: reasons.count(reason) for reason in sorted(set(reasons))},
               "fingerprint": key, "reference_cache_hit": cache_hit, **pairing}
     return scored, counts, feedback.rejected
+
+
+def precompute(config: Config) -> Prepared:
+    """The data and reference stages for the training data (and the eval data, if any): after
+    this the cache holds everything training needs, so a cluster can score once, train many times."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    model_path = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
+    reference_path = resolve_model_path(config.reference.model or config.model.name_or_path, config.model.cache_dir)
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    if config.data.generate_demo:
+        from pipeline.demo_data import ensure_demo_data
+
+        ensure_demo_data(config.data.path, config.eval.path, tokenizer)
+    start_ray(config)
+    scored, counts, rejected = prepare(config, config.data.path, model_path, reference_path, tokenizer.pad_token_id)
+    if rejected.num_rows:
+        os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
+        pq.write_table(rejected, os.path.join(config.run_dir, "rejected", "train.parquet"))
+    scored_path = cache_path(config.reference.cache_dir, counts["fingerprint"])
+    prepared = Prepared(model_path, reference_path, tokenizer, scored, scored_path, counts)
+    if config.eval.path:
+        prepared.eval_scored, prepared.eval_counts, _ = prepare(config, config.eval.path, model_path,
+                                                                reference_path, tokenizer.pad_token_id)
+    return prepared
+
+
+def check_drift(config: Config, prepared: Prepared) -> dict:
+    """Step-0 drift of the cached reference values against the trainer's own computation."""
+    r = config.reference
+    if r.drift_check_rows == 0:
+        return {"skipped": "reference.drift_check_rows is 0"}
+    if prepared.reference_path != prepared.model_path:
+        return {"skipped": f"reference.model ({r.model}) is not the policy: r != 0 at step 0 is expected"}
+    sample = sample_rows(prepared.scored, r.drift_check_rows, config.training.seed)
+    arguments = (prepared.model_path, sample, prepared.tokenizer.pad_token_id, config.model.trust_remote_code)
+    if config.scaling.use_gpu:  # on a GPU, as the trainers compute; the driver may have none
+        drift = ray.get(ray.remote(step0_drift).options(num_cpus=1, num_gpus=1).remote(*arguments))
+    else:
+        drift = step0_drift(*arguments)
+    log.info("step-0 drift of the %s reference (%s) against the trainer: %s", r.backend, r.dtype, drift)
+    if drift["max_abs_per_sequence"] > r.drift_max_abs:
+        raise DriftError(
+            f"at step 0 the reference log-probs ({r.backend}, {r.dtype}) differ from the trainer's float32 ones by "
+            f"up to {drift['max_abs_per_sequence']:.4g} nats a sequence ({drift['max_abs_per_token']:.3g} a token) "
+            f"on {drift['sequences']} sequences, above reference.drift_max_abs = {r.drift_max_abs:g}: that bias "
+            "enters every reward and z0. Score the reference in float32 (--set reference.dtype=float32) or with "
+            "--set reference.backend=hf; raise reference.drift_max_abs only if you accept the bias.")
+    return drift
 
 
 def resolve_desirable_weight(config: Config, n_desirable: int, n_undesirable: int) -> float:
@@ -119,31 +186,18 @@ def train(config: Config) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    model_path = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
-    reference_path = resolve_model_path(config.reference.model or config.model.name_or_path, config.model.cache_dir)
-    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-    if config.data.generate_demo:
-        from pipeline.demo_data import ensure_demo_data
-
-        ensure_demo_data(config.data.path, config.eval.path, tokenizer)
-    start_ray(config)
-
-    scored, counts, rejected = prepare(config, config.data.path, model_path, reference_path, tokenizer.pad_token_id)
-    if rejected.num_rows:
-        os.makedirs(os.path.join(run_dir, "rejected"), exist_ok=True)
-        pq.write_table(rejected, os.path.join(run_dir, "rejected", "train.parquet"))
+    prepared = precompute(config)
+    drift = check_drift(config, prepared)
+    model_path, tokenizer, scored = prepared.model_path, prepared.tokenizer, prepared.scored
     n_desirable, n_undesirable = label_counts(scored)
     desirable_weight = resolve_desirable_weight(config, n_desirable, n_undesirable)
     schedule_path = os.path.join(run_dir, "schedule.parquet")
     t = config.training
     schedule = build_schedule(scored.num_rows, config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed)
     pq.write_table(schedule, schedule_path)
-    scored_path = os.path.join(os.path.abspath(config.reference.cache_dir), counts["fingerprint"], "scored.parquet")
 
-    eval_scored = eval_counts = before = after = None
-    if config.eval.path:
-        eval_scored, eval_counts, _ = prepare(config, config.eval.path, model_path, reference_path,
-                                              tokenizer.pad_token_id)
+    eval_scored, before, after = prepared.eval_scored, None, None
+    if eval_scored is not None:
         before = held_out_check(config, load_causal_lm(model_path, config.model.trust_remote_code).eval(),
                                 tokenizer, eval_scored)
         log.info("held-out before training: %s", before)
@@ -151,7 +205,7 @@ def train(config: Config) -> dict:
     s = config.scaling
     loop_config = {
         "run_dir": run_dir, "model_path": model_path, "tokenizer_path": model_path,
-        "scored_path": scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
+        "scored_path": prepared.scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
         "trust_remote_code": config.model.trust_remote_code,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "learning_rate": t.learning_rate,
@@ -183,7 +237,8 @@ def train(config: Config) -> dict:
     tokens = sum(step["num_tokens"] for step in steps)
     step_time = sum(step["step_time_s"] for step in steps)
     summary = {
-        "final_metrics": steps[-1], "steps": len(steps), "data": counts, "eval_data": eval_counts,
+        "final_metrics": steps[-1], "steps": len(steps), "data": prepared.counts, "eval_data": prepared.eval_counts,
+        "reference": {"backend": config.reference.backend, "dtype": config.reference.dtype, "step0_drift": drift},
         "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
         "desirable_weight": desirable_weight, "num_workers": s.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": before, "eval_after": after,

@@ -7,15 +7,17 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from actors.reference import ReferenceScorer
+from actors.reference import ReferenceScorer, ScoringOptions
 
-CACHE_FORMAT = 1  # bump when the cached columns or their meaning change
+CACHE_FORMAT = 2  # bump when the cached columns or their meaning change
 SCORED_COLUMNS = ["row_index", "prompt_ids", "completion_ids", "kl_completion_ids"]
 
 
@@ -34,12 +36,26 @@ def fingerprint(files: list[str], tokenizer_path: str, reference_path: str, sett
     return digest.hexdigest()[:20]
 
 
+def cache_path(cache_dir: str, key: str) -> str:
+    return os.path.join(os.path.abspath(cache_dir), key, "scored.parquet")
+
+
+def longest_sequence(table: pa.Table) -> int:
+    """Tokens in the longest prompt + completion or prompt + KL completion of the table."""
+    prompt = pc.list_value_length(table.column("prompt_ids"))
+    completion = pc.max_element_wise(pc.list_value_length(table.column("completion_ids")),
+                                     pc.list_value_length(table.column("kl_completion_ids")))
+    return int(pc.max(pc.add(prompt, completion)).as_py())
+
+
 def score_with_cache(table: pa.Table, cache_dir: str, key: str, *, backend: str, reference_path: str,
                      pad_token_id: int, num_replicas: int, num_cpus_per_replica: float,
-                     num_gpus_per_replica: float, max_tokens_per_batch: int,
-                     trust_remote_code: bool = False) -> tuple[pa.Table, bool]:
-    """The table with `ref_logp` and `ref_kl_logp`, and whether it came from the cache."""
-    cached = os.path.join(os.path.abspath(cache_dir), key, "scored.parquet")
+                     num_gpus_per_replica: float, options: ScoringOptions) -> tuple[pa.Table, bool]:
+    """The table with `ref_logp` and `ref_kl_logp`, and whether it came from the cache.
+
+    The actor pool (and the GPUs it holds) is released when scoring ends, before training starts.
+    """
+    cached = cache_path(cache_dir, key)
     if os.path.exists(cached):
         return pq.read_table(cached), True
     scores = (
@@ -47,8 +63,7 @@ def score_with_cache(table: pa.Table, cache_dir: str, key: str, *, backend: str,
         .map_batches(
             ReferenceScorer,
             fn_constructor_kwargs=dict(backend=backend, model_path=reference_path, pad_token_id=pad_token_id,
-                                       max_tokens_per_batch=max_tokens_per_batch,
-                                       trust_remote_code=trust_remote_code),
+                                       options=replace(options, max_model_len=longest_sequence(table) + 1)),
             batch_format="numpy",
             batch_size=256,
             compute=ray.data.ActorPoolStrategy(size=num_replicas),

@@ -23,6 +23,7 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("training.lr=1", "unknown key 'training.lr'"),
     ("beta=1", "expected section.key=value"),
     ("reference.backend=tgi", "reference.backend = 'tgi'"),
+    ("reference.dtype=fp8", "reference.dtype = 'fp8'"),
 ])
 def test_invalid_values_name_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
