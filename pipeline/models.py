@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 GGUF_WHEEL = "gguf-wheel:"
 

@@ -175,12 +175,42 @@ def held_out_check(config: Config, model, tokenizer, scored: pa.Table) -> dict:
     return result
 
 
-def train(config: Config) -> dict:
+def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_path: str) -> float:
+    """The Ray Train run over the scheduled steps; returns its wall time in seconds."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import train_loop_per_worker
 
+    s, t = config.scaling, config.training
+    loop_config = {
+        "run_dir": config.run_dir, "model_path": prepared.model_path, "tokenizer_path": prepared.model_path,
+        "scored_path": prepared.scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
+        "trust_remote_code": config.model.trust_remote_code,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay, "lr_scheduler_type": t.lr_scheduler_type, "warmup_ratio": t.warmup_ratio,
+        "save_steps": t.save_steps,
+        "step_settings": {"beta": config.kto.beta, "desirable_weight": desirable_weight,
+                          "undesirable_weight": config.kto.undesirable_weight, "loss_type": config.kto.loss_type,
+                          "max_grad_norm": t.max_grad_norm, "pad_token_id": prepared.tokenizer.pad_token_id},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=s.resources_per_worker),
+        run_config=RunConfig(name="ray_train", storage_path=config.output.storage_path or config.run_dir,
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    started = time.time()
+    trainer.fit()
+    return time.time() - started
+
+
+def train(config: Config) -> dict:
+    """The whole flow: data and reference stages, the drift check, held-out checks around the Ray
+    Train run, and the run directory's summary."""
     started = time.time()
     run_dir = config.run_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -202,30 +232,7 @@ def train(config: Config) -> dict:
                                 tokenizer, eval_scored)
         log.info("held-out before training: %s", before)
 
-    s = config.scaling
-    loop_config = {
-        "run_dir": run_dir, "model_path": model_path, "tokenizer_path": model_path,
-        "scored_path": prepared.scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
-        "trust_remote_code": config.model.trust_remote_code,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps, "learning_rate": t.learning_rate,
-        "weight_decay": t.weight_decay, "lr_scheduler_type": t.lr_scheduler_type, "warmup_ratio": t.warmup_ratio,
-        "save_steps": t.save_steps,
-        "step_settings": {"beta": config.kto.beta, "desirable_weight": desirable_weight,
-                          "undesirable_weight": config.kto.undesirable_weight, "loss_type": config.kto.loss_type,
-                          "max_grad_norm": t.max_grad_norm, "pad_token_id": tokenizer.pad_token_id},
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=s.resources_per_worker),
-        run_config=RunConfig(name="ray_train", storage_path=config.output.storage_path or run_dir,
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    fit_started = time.time()
-    trainer.fit()
-    train_time = time.time() - fit_started
+    train_time = fit(config, prepared, desirable_weight, schedule_path)
 
     if eval_scored is not None:
         after = held_out_check(config, load_causal_lm(os.path.join(run_dir, "model")).eval(), tokenizer, eval_scored)
@@ -240,7 +247,7 @@ def train(config: Config) -> dict:
         "final_metrics": steps[-1], "steps": len(steps), "data": prepared.counts, "eval_data": prepared.eval_counts,
         "reference": {"backend": config.reference.backend, "dtype": config.reference.dtype, "step0_drift": drift},
         "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
-        "desirable_weight": desirable_weight, "num_workers": s.num_workers,
+        "desirable_weight": desirable_weight, "num_workers": config.scaling.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": before, "eval_after": after,
         "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / step_time, 1),
         "wall_time_s": round(time.time() - started, 1),

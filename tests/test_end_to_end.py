@@ -1,5 +1,5 @@
-"""`launch.py train` end to end on a tiny random-init model: the run directory, the
-quarantine, the reference cache, and re-running the same run name."""
+"""`launch.py precompute` and `train` end to end on a tiny random-init model: the run
+directory, the quarantine, the reference cache, and re-running the same run name."""
 
 import json
 import os
@@ -22,6 +22,11 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
+
+
+def first_json(text: str) -> dict:
+    """The JSON object a command printed (Ray may print lines of its own around it)."""
+    return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
 
 
 @pytest.fixture
@@ -49,6 +54,11 @@ def tiny_run(tmp_path, tiny_model):
 
 def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run):
     config, runs = tiny_run
+    scored = launch("precompute", "--config", config)  # data + reference stages only
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    precomputed = first_json(scored.stdout)
+    assert os.path.isfile(precomputed["scored"]) and precomputed["data"]["reference_cache_hit"] is False
+
     first = launch("train", "--config", config)
     assert first.returncode == 0, first.stderr[-3000:]
     run = runs / "first"
@@ -72,7 +82,8 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert counts["read"] == 29 and counts["rejected"] == 3
     assert counts["read"] == counts["kept"] + counts["rejected"]
     assert counts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
-    assert counts["reference_cache_hit"] is False and summary["num_workers"] == 2
+    assert counts["reference_cache_hit"] is True and summary["num_workers"] == 2  # scored by precompute
+    assert counts["fingerprint"] == precomputed["data"]["fingerprint"]
     rejected = pq.read_table(str(run / "rejected" / "train.parquet"))
     assert sorted(rejected.column("extra").to_pylist()) == [100, 101, 102]
     assert {"reason", "source_file", "source_row"} <= set(rejected.column_names)
@@ -80,11 +91,9 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert resolved["kto"]["desirable_weight"] == "auto" and resolved["scaling"]["num_workers"] == 2
     assert os.listdir(run / "ray_train")  # Ray Train's checkpoints live under the storage path
 
-    second = launch("train", "--config", config, "--set", "output.run_name=second")
-    assert second.returncode == 0, second.stderr[-3000:]
-    again = json.loads((runs / "second" / "summary.json").read_text())
-    assert again["data"]["reference_cache_hit"] is True
-    assert again["data"]["fingerprint"] == counts["fingerprint"]
+    other_dtype = launch("precompute", "--config", config, "--set", "reference.dtype=bfloat16")
+    assert other_dtype.returncode == 0, other_dtype.stderr[-3000:]
+    assert first_json(other_dtype.stdout)["data"]["fingerprint"] != counts["fingerprint"]
 
     # The same run name again resumes from its last checkpoint: no step runs twice.
     rerun = launch("train", "--config", config)

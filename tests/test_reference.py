@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -34,6 +35,12 @@ def test_vllm_and_hf_backends_agree(tmp_path, tiny_model, ray_local):
         scores[backend] = np.concatenate([scored.column("ref_logp").to_numpy(), scored.column("ref_kl_logp").to_numpy()])
     assert np.all(scores["hf"] < 0)
     np.testing.assert_allclose(scores["vllm"], scores["hf"], rtol=0, atol=AGREEMENT_NATS)
+    # The replicas hand their resources back when scoring ends, so the trainers can take them.
+    total = ray_local.cluster_resources()["CPU"]
+    deadline = time.time() + 60
+    while ray_local.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == total
 
 
 def test_train_with_vllm_reference_matches_hf_and_records_drift(tmp_path, tiny_model, ray_local):
