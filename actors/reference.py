@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
+from pipeline.logprobs import score_sequences
 from pipeline.models import load_causal_lm
 
 
@@ -38,15 +38,9 @@ class HFBackend:
         self.pad_token_id = pad_token_id
         self.max_tokens_per_batch = options.max_tokens_per_batch
 
-    @torch.inference_mode()
     def score(self, prompt_ids: list, completion_ids: list) -> np.ndarray:
-        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-        out = np.empty(len(lengths), dtype=np.float32)
-        for group in length_grouped_batches(lengths, self.max_tokens_per_batch, max_rows=64):
-            batch = collate([prompt_ids[i] for i in group], [completion_ids[i] for i in group],
-                            self.pad_token_id, self.device)
-            out[group] = sequence_logps(self.model, batch).cpu().numpy()
-        return out
+        return score_sequences(self.model, prompt_ids, completion_ids, self.pad_token_id, self.device,
+                               self.max_tokens_per_batch).numpy()
 
 
 class VLLMBackend:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
+from pipeline.logprobs import score_sequences
 
 
 class DriftError(RuntimeError):
@@ -23,7 +23,6 @@ def sample_rows(scored: pa.Table, rows: int, seed: int) -> pa.Table:
     return scored.take(pa.array(np.sort(order)))
 
 
-@torch.inference_mode()
 def step0_drift(model_path: str, sample: pa.Table, pad_token_id: int, trust_remote_code: bool = False) -> dict:
     """Absolute differences, per sequence and per token, between the initial policy's summed
     log-probs and the cached reference values, over completions and KL completions."""
@@ -34,11 +33,7 @@ def step0_drift(model_path: str, sample: pa.Table, pad_token_id: int, trust_remo
     prompts = sample.column("prompt_ids").to_pylist() * 2
     completions = sample.column("completion_ids").to_pylist() + sample.column("kl_completion_ids").to_pylist()
     cached = np.concatenate([sample.column("ref_logp").to_numpy(), sample.column("ref_kl_logp").to_numpy()])
-    ours = np.empty(len(prompts), dtype=np.float64)
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    for group in length_grouped_batches(lengths, 4096, max_rows=32):
-        batch = collate([prompts[i] for i in group], [completions[i] for i in group], pad_token_id, device)
-        ours[group] = sequence_logps(model, batch).double().cpu().numpy()
+    ours = score_sequences(model, prompts, completions, pad_token_id, device).double().numpy()
     per_sequence = np.abs(ours - cached)
     per_token = per_sequence / np.maximum([len(c) for c in completions], 1)
     return {"rows": sample.num_rows, "sequences": len(prompts),

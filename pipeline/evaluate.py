@@ -10,23 +10,13 @@ import re
 import pyarrow as pa
 import torch
 
-from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
-
-
-@torch.inference_mode()
-def _logps(model, prompts: list, completions: list, pad_token_id: int, max_tokens: int = 4096) -> torch.Tensor:
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    out = torch.empty(len(lengths), dtype=torch.float32)
-    for group in length_grouped_batches(lengths, max_tokens, max_rows=64):
-        batch = collate([prompts[i] for i in group], [completions[i] for i in group], pad_token_id)
-        out[group] = sequence_logps(model, batch)
-    return out
+from pipeline.logprobs import score_sequences
 
 
 def implied_reward_metrics(model, scored: pa.Table, beta: float, pad_token_id: int) -> dict:
     prompts = scored.column("prompt_ids").to_pylist()
-    logps = _logps(model, prompts, scored.column("completion_ids").to_pylist(), pad_token_id)
-    kl_logps = _logps(model, prompts, scored.column("kl_completion_ids").to_pylist(), pad_token_id)
+    logps = score_sequences(model, prompts, scored.column("completion_ids").to_pylist(), pad_token_id)
+    kl_logps = score_sequences(model, prompts, scored.column("kl_completion_ids").to_pylist(), pad_token_id)
     labels = torch.tensor(scored.column("label").to_pylist(), dtype=torch.bool)
     rewards = logps - torch.tensor(scored.column("ref_logp").to_numpy())
     kl_unclamped = (kl_logps - torch.tensor(scored.column("ref_kl_logp").to_numpy())).double().mean()

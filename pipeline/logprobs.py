@@ -63,3 +63,16 @@ def length_grouped_batches(lengths: Sequence[int], max_tokens: int, max_rows: in
         else:
             groups.append([index])
     return groups
+
+
+@torch.inference_mode()
+def score_sequences(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
+                    completion_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu",
+                    max_tokens: int = 4096, max_rows: int = 64) -> torch.Tensor:
+    """`sequence_logps` of many rows without gradients, in length-grouped batches, in row order (CPU)."""
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    out = torch.empty(len(lengths), dtype=torch.float32)
+    for group in length_grouped_batches(lengths, max_tokens, max_rows):
+        batch = collate([prompt_ids[i] for i in group], [completion_ids[i] for i in group], pad_token_id, device)
+        out[group] = sequence_logps(model, batch).cpu()
+    return out
