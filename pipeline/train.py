@@ -141,7 +141,7 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler_t
     return optimizer, scheduler
 
 
-def rank_micro_batches(scored, schedule, rank: int, per_device: int, accumulation: int) -> dict[int, list]:
+def rank_micro_batches(schedule, rank: int, per_device: int, accumulation: int) -> dict[int, list]:
     """{step: [row indices of micro-batch 0, 1, ...]} for this rank; a rank owns a contiguous
     run of `per_device * accumulation` slots of every global batch."""
     per_rank = per_device * accumulation
@@ -182,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
         "prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp"])
     columns = {name: scored.column(name).to_pylist() for name in scored.column_names}
     schedule = pq.read_table(config["schedule_path"])
-    plan = rank_micro_batches(scored, schedule, rank, config["per_device_train_batch_size"],
+    plan = rank_micro_batches(schedule, rank, config["per_device_train_batch_size"],
                               config["gradient_accumulation_steps"])
     total_steps = len(plan)
 
