@@ -70,9 +70,10 @@ class Prepared:
     eval_counts: Optional[dict] = None
 
 
-def prepare(config: Config, data_path: str, model_path: str, reference_path: str,
-            pad_token_id: int) -> tuple[pa.Table, dict, pa.Table]:
-    """Read, tokenize, pair and score one data source: the scored rows, their counts, the rejected rows."""
+def prepare(config: Config, source: str, data_path: str, model_path: str, reference_path: str,
+            pad_token_id: int) -> tuple[pa.Table, dict]:
+    """Read, tokenize, pair and score one data source (`source`: train or eval): the scored rows
+    and their counts; rejected rows go to <run>/rejected/<source>.parquet with their reasons."""
     k, r = config.kto, config.reference
     feedback = read_and_tokenize(data_path, model_path, k.max_length, k.max_prompt_length,
                                  config.model.trust_remote_code)
@@ -89,12 +90,15 @@ def prepare(config: Config, data_path: str, model_path: str, reference_path: str
         paired, r.cache_dir, key, backend=r.backend, reference_path=reference_path, pad_token_id=pad_token_id,
         num_replicas=r.num_replicas, num_cpus_per_replica=r.num_cpus_per_replica,
         num_gpus_per_replica=r.num_gpus_per_replica, options=options)
+    if feedback.rejected.num_rows:
+        os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
+        pq.write_table(feedback.rejected, os.path.join(config.run_dir, "rejected", f"{source}.parquet"))
     reasons = feedback.rejected.column("reason").to_pylist()
     counts = {"read": feedback.kept.num_rows + feedback.rejected.num_rows, "kept": feedback.kept.num_rows,
               "rejected": feedback.rejected.num_rows,
               "rejected_by_reason": {reason: reasons.count(reason) for reason in sorted(set(reasons))},
               "fingerprint": key, "reference_cache_hit": cache_hit, **pairing}
-    return scored, counts, feedback.rejected
+    return scored, counts
 
 
 def precompute(config: Config) -> Prepared:
@@ -109,15 +113,12 @@ def precompute(config: Config) -> Prepared:
 
         ensure_demo_data(config.data.path, config.eval.path, tokenizer)
     start_ray(config)
-    scored, counts, rejected = prepare(config, config.data.path, model_path, reference_path, tokenizer.pad_token_id)
-    if rejected.num_rows:
-        os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
-        pq.write_table(rejected, os.path.join(config.run_dir, "rejected", "train.parquet"))
+    scored, counts = prepare(config, "train", config.data.path, model_path, reference_path, tokenizer.pad_token_id)
     scored_path = cache_path(config.reference.cache_dir, counts["fingerprint"])
     prepared = Prepared(model_path, reference_path, tokenizer, scored, scored_path, counts)
     if config.eval.path:
-        prepared.eval_scored, prepared.eval_counts, _ = prepare(config, config.eval.path, model_path,
-                                                                reference_path, tokenizer.pad_token_id)
+        prepared.eval_scored, prepared.eval_counts = prepare(config, "eval", config.eval.path, model_path,
+                                                             reference_path, tokenizer.pad_token_id)
     return prepared
 
 
