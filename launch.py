@@ -2,6 +2,7 @@
 
     python launch.py train [--config configs/default.yaml] [--set section.key=value ...] [--address auto]
     python launch.py precompute [same options]   # data + reference stages only
+    python launch.py validate [--data PATH] [--json] [same options]   # data checks, no training
 """
 
 import argparse
@@ -25,7 +26,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     precompute = commands.add_parser(
         "precompute", help="only the data and reference stages: fill the reference cache (score once, train many)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for command in (train, precompute):
+    validate = commands.add_parser(
+        "validate", help="the data checks without training: counts, rejected rows by reason, label balance, "
+                         "token lengths, weight advice; exit 1 when the data cannot train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    validate.add_argument("--data", default=None, help="feedback file or folder (default: the config's data.path)")
+    validate.add_argument("--json", action="store_true", help="print the facts as one JSON object on stdout")
+    for command in (train, precompute, validate):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (repeatable), e.g. --set kto.beta=0.2")
@@ -54,10 +61,34 @@ def main(argv=None) -> int:
             prepared = precompute(config)
             print(json.dumps({"scored": prepared.scored_path, "data": prepared.counts,
                               "eval_data": prepared.eval_counts}, indent=2))
+        elif args.command == "validate":
+            from pipeline.run import validate_data
+
+            report = validate_data(config, args.data or config.data.path)
+            print(json.dumps(report, indent=2) if args.json else describe(report))
+            if not report["trainable"]:
+                print(f"error: {report['problem']}", file=sys.stderr)
+                return 1
     except (ConfigError, DataError, DriftError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def describe(report: dict) -> str:
+    """`validate`'s report for a person."""
+    lines = [f"format: {report['format']}  files: {report['files']}  input rows: {report['source_rows']}",
+             f"examples read: {report['read']}  kept: {report['kept']}  rejected: {report['rejected']}"]
+    lines += [f"  rejected {reason}: {n}" for reason, n in report["rejected_by_reason"].items()]
+    if report["rejected"]:
+        lines.append(f"  rejected rows, with their reasons: {report['rejected_dir']}")
+    lines.append(f"labels: {report['desirable']} desirable, {report['undesirable']} undesirable")
+    for side, percentiles in report["tokens_before_truncation"].items():
+        lines.append(f"{side} tokens: " + "  ".join(f"{k} {v}" for k, v in percentiles.items())
+                     + f"  (truncated: {report['truncated'].get(side, 0)})")
+    lines.append(f"weights: {report['weights']['advice']}")
+    lines.append("trainable: yes" if report["trainable"] else f"trainable: no ({report['problem']})")
+    return "\n".join(lines)
 
 
 def print_summary(summary: dict, run_dir: str) -> None:

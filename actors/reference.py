@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.logprobs import score_sequences
@@ -94,13 +95,12 @@ class ReferenceScorer:
             raise ValueError(f"reference backend {backend!r} is not available; choose one of {sorted(BACKENDS)}")
         self.backend = BACKENDS[backend](model_path, pad_token_id, options)
 
-    def __call__(self, batch: dict) -> dict:
-        # Plain Python ints: vLLM asserts int64 token ids, and numpy's int32 would slip through a list().
-        prompts = [np.asarray(p).tolist() for p in batch["prompt_ids"]]
-        completions = [np.asarray(c).tolist() for c in batch["completion_ids"]]
-        kl_completions = [np.asarray(c).tolist() for c in batch["kl_completion_ids"]]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = batch.column("prompt_ids").to_pylist()  # plain Python ints, as vLLM asserts
+        completions = batch.column("completion_ids").to_pylist()
+        kl_completions = batch.column("kl_completion_ids").to_pylist()
         # One call over both halves: the hf length grouping mixes them and pads less, and vLLM
         # schedules them all in one submission.
-        scores = self.backend.score(prompts + prompts, completions + kl_completions)
+        scores = np.asarray(self.backend.score(prompts + prompts, completions + kl_completions), np.float32)
         n = len(prompts)
-        return {"row_index": batch["row_index"], "ref_logp": scores[:n], "ref_kl_logp": scores[n:]}
+        return batch.append_column("ref_logp", pa.array(scores[:n])).append_column("ref_kl_logp", pa.array(scores[n:]))

@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from pipeline.formats import FORMATS
 from pipeline.loss import LOSS_TYPES
 
 
@@ -20,8 +21,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = "data/demo/train.parquet"  # a Parquet file or a directory of them (hive partitions allowed)
-    kl_block_size: int = 8  # m: row i of a block takes the completion of row (i + 1) mod m as its KL pair
+    path: str = "data/demo/train.parquet"  # a Parquet / JSON / JSON-lines file or a folder of them (hive allowed)
+    # auto: told from the columns | unpaired (prompt, completion, label) | paired (prompt, chosen,
+    # rejected) | implicit_paired (chosen, rejected sharing a prompt) | messages (messages, label)
+    format: str = "auto"
+    label_map: dict = field(default_factory=dict)  # string labels -> bool, e.g. {thumbs_up: true, thumbs_down: false}
+    prompt_delimiter: str = "\n\nAssistant:"  # implicit_paired text: the prompt ends with its last shared one
+    deduplicate: bool = False  # quarantine exact repeats of (prompt, completion, label) as "duplicate"
+    max_rejected_fraction: float = 0.1  # stop the run when more of the rows than this are rejected
+    kl_block_size: int = 8  # m: a row takes the completion of the next row of its block of m (other prompt)
     generate_demo: bool = False  # write the project's generated demo set to `path` (and eval.path) if absent
 
 
@@ -181,6 +189,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(c: Config) -> None:
     """Every check that can run before any data is read."""
+    _check(c.data.format in FORMATS, "data.format", c.data.format, " | ".join(FORMATS))
+    _check(all(isinstance(v, bool) for v in c.data.label_map.values()), "data.label_map", c.data.label_map,
+           "each value must be true or false, e.g. {thumbs_up: true, thumbs_down: false}")
+    _check(0 <= c.data.max_rejected_fraction <= 1, "data.max_rejected_fraction", c.data.max_rejected_fraction,
+           "in [0, 1]")
+    _check(bool(c.data.prompt_delimiter), "data.prompt_delimiter", c.data.prompt_delimiter, "a non-empty string")
     _check(c.data.kl_block_size >= 2, "data.kl_block_size", c.data.kl_block_size,
            "must be >= 2 (a block of 1 would pair a row with its own completion)")
     r = c.reference
@@ -199,8 +213,9 @@ def validate(c: Config) -> None:
     dw = c.kto.desirable_weight
     _check(dw == "auto" or (isinstance(dw, float) and dw > 0), "kto.desirable_weight", dw, "> 0 or 'auto'")
     _check(c.kto.undesirable_weight > 0, "kto.undesirable_weight", c.kto.undesirable_weight, "> 0")
-    _check(0 < c.kto.max_prompt_length < c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
-           f"between 1 and kto.max_length - 1 ({c.kto.max_length - 1}), so completions keep a token")
+    _check(0 < c.kto.max_prompt_length <= c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
+           f"between 1 and kto.max_length ({c.kto.max_length}); rows whose prompt leaves no completion token "
+           "are quarantined")
     t = c.training
     _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "> 0")
     _check(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size",

@@ -1,14 +1,19 @@
-"""The data stage: read Parquet feedback with Ray Data, quarantine bad rows, tokenize once,
-pair each row with a KL partner, and fix which rows make up each global step.
+"""The data stage: read feedback with Ray Data (Parquet, JSON lines, JSON), turn each row into
+KTO examples, tokenize them once, quarantine bad rows with a reason, pair each kept row with a
+KL partner, and write the result as Parquet. It streams: memory stays bounded at any input size.
 
-Tokenization and validation run in parallel inside Ray Data. Pairing and the step
-schedule need the global row order, so they run on the driver over the token-id
-columns alone (about 4 bytes a token), in the order the files were read.
+Parsing and tokenization run as Ray Data tasks, fused with the read, on every CPU Ray has.
+The driver then consumes the stream in read order (provenance, de-duplication and KL pairing
+need the global order), writing as it goes and keeping only counters and two KL blocks.
 """
 
+import functools
 import glob
+import hashlib
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -16,193 +21,285 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-REQUIRED_COLUMNS = {"prompt": pa.string(), "completion": pa.string(), "label": pa.bool_()}
-TOKEN_COLUMNS = ("prompt_ids", "completion_ids")
+from pipeline.formats import (FORMAT_COLUMNS, PAIRED_FORMATS, DataError, check_types, detect_format, render,
+                              to_examples)
+from pipeline.pairing import KLPairer
+
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
+                 "prompt_hash", "row_hash", "reason")
+LENGTH_BINS = 1 << 16  # token-length histograms are exact below this and clipped above
 
 
-class DataError(ValueError):
-    """Input that cannot be trained on as a whole; the message names the file and column."""
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything that changes the examples, and so keys their cache."""
+    tokenizer_path: str
+    max_length: int
+    max_prompt_length: int
+    kl_block_size: int
+    format: str = "auto"
+    label_map: dict = field(default_factory=dict)
+    prompt_delimiter: str = "\n\nAssistant:"
+    deduplicate: bool = False
+    trust_remote_code: bool = False
 
 
-def list_parquet_files(path: str) -> list[str]:
-    """The Parquet files under `path` (a file or a folder, hive partitions allowed), sorted."""
+def list_input_files(path: str) -> tuple[list[str], str]:
+    """The feedback files under `path` (a file or a folder, hive partitions allowed), sorted, and
+    their kind (parquet or json)."""
     if not os.path.exists(path):
-        raise DataError(f"data path {path!r} does not exist; set data.path to a Parquet file or folder")
+        raise DataError(f"data path {path!r} does not exist; point data.path at a Parquet or JSON file or folder")
     if os.path.isfile(path):
-        return [os.path.abspath(path)]
-    files = sorted(glob.glob(os.path.join(os.path.abspath(path), "**", "*.parquet"), recursive=True))
+        files = [os.path.abspath(path)]
+    else:
+        every = sorted(glob.glob(os.path.join(os.path.abspath(path), "**", "*"), recursive=True))
+        files = [f for f in every if os.path.isfile(f) and f.endswith((".parquet", *JSON_SUFFIXES))]
+    kinds = {"json" if f.endswith(JSON_SUFFIXES) else "parquet" for f in files}
     if not files:
-        raise DataError(f"data path {path!r} holds no *.parquet file")
-    return files
+        raise DataError(f"data path {path!r} holds no *.parquet, *.json or *.jsonl(.gz) file")
+    if len(kinds) > 1:
+        raise DataError(f"data path {path!r} mixes Parquet and JSON files; keep one kind a folder")
+    return files, kinds.pop()
 
 
-def check_schema(files: list[str]) -> None:
-    """Stop at start-up when a file lacks a required column or holds it with the wrong type."""
-    for file in files:
+def check_inputs(files: list[str], kind: str, settings: DataSettings) -> str:
+    """Whole-input checks at start-up: every file readable, its format's columns present with
+    types that can hold them. Returns the format."""
+    if kind == "json":  # no footer to read: the first file's inferred schema stands for all
         try:
-            schema = pq.read_schema(file)
-        except Exception as error:  # pyarrow says why; we say which file
-            raise DataError(f"{file}: not a readable Parquet file ({error})") from None
-        for name, expected in REQUIRED_COLUMNS.items():
-            if name not in schema.names:
-                raise DataError(f"{file}: required column {name!r} is missing (columns: {schema.names}); "
-                                f"expected {name} of type {expected}")
-            actual = schema.field(name).type
-            if not (actual == expected or (expected == pa.string() and actual == pa.large_string())):
-                raise DataError(f"{file}: column {name!r} has type {actual}, expected {expected}")
+            schemas = {files[0]: ray.data.read_json(files[0]).schema().base_schema}
+        except Exception as error:
+            raise DataError(f"{files[0]}: not readable as JSON or JSON lines ({error})") from None
+    else:
+        schemas = {}
+        for file in files:
+            try:
+                schemas[file] = pq.read_schema(file)
+            except Exception as error:  # pyarrow says why; we say which file
+                raise DataError(f"{file}: not a readable Parquet file ({error})") from None
+    formats = set()
+    for file, schema in schemas.items():
+        fmt = detect_format(schema.names, settings.format, file)
+        check_types(schema, fmt, settings.label_map, file)
+        formats.add(fmt)
+    if len(formats) > 1:
+        raise DataError(f"the files under the data path hold different formats ({sorted(formats)}); "
+                        "keep one format a data path")
+    return formats.pop()
 
 
-class Tokenize:
-    """Ray Data callable: validates rows and turns text into the token ids every later stage uses.
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str, trust_remote_code: bool):
+    from pipeline.models import load_tokenizer
 
-    Prompt: tokenizer's special tokens (BOS where it has one), truncated from the left to
-    max_prompt_length. Completion: EOS appended (as TRL does), then truncated from the right
-    to what max_length leaves. Bad rows are kept with a `reason` and no tokens, to be quarantined.
+    return load_tokenizer(path, trust_remote_code)  # once per Ray worker process, reused across tasks
+
+
+def _hash64(*parts: str) -> int:
+    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Optional[list[int]]]:
+    try:
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+    except Exception:  # find the rows at fault; the rest keep their tokens
+        out = []
+        for text in texts:
+            try:
+                out.append(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            except Exception:
+                out.append(None)
+        return out
+
+
+def tokenize_batch(batch: pa.Table, fmt: str, settings: DataSettings) -> pa.Table:
+    """Ray Data task: each input row becomes its examples, with the original columns repeated.
+
+    Prompt: the tokenizer's special tokens (BOS where it has one; none when a chat template
+    already wrote them), truncated from the left to max_prompt_length. Completion: EOS appended
+    unless the template already ended the turn with it, truncated from the right to what
+    max_length leaves. Bad examples keep a `reason` and no tokens.
     """
-
-    def __init__(self, tokenizer_path: str, max_length: int, max_prompt_length: int, trust_remote_code: bool):
-        from pipeline.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-        self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts = batch.column("prompt").to_pylist()
-        completions = batch.column("completion").to_pylist()
-        labels = batch.column("label").to_pylist()
-        reasons = [_row_problem(p, c, lab) for p, c, lab in zip(prompts, completions, labels)]
-        ok = [i for i, reason in enumerate(reasons) if not reason]
-        prompt_ids: list = [[] for _ in reasons]
-        completion_ids: list = [[] for _ in reasons]
-        if ok:
-            tok = self.tokenizer
-            encoded_prompts = tok([prompts[i] for i in ok], add_special_tokens=True)["input_ids"]
-            encoded_completions = tok([completions[i] for i in ok], add_special_tokens=False)["input_ids"]
-            for i, p_ids, c_ids in zip(ok, encoded_prompts, encoded_completions):
-                p_ids = p_ids[-self.max_prompt_length:]
-                c_ids = (c_ids + [tok.eos_token_id])[: self.max_length - len(p_ids)]
-                prompt_ids[i], completion_ids[i] = p_ids, c_ids
-        ids_type = pa.list_(pa.int32())
-        batch = batch.append_column("prompt_ids", pa.array(prompt_ids, ids_type))
-        batch = batch.append_column("completion_ids", pa.array(completion_ids, ids_type))
-        return batch.append_column("reason", pa.array(reasons, pa.string()))
-
-
-def _row_problem(prompt, completion, label) -> str:
-    if prompt is None or not prompt.strip():
-        return "empty_prompt"
-    if completion is None or not completion.strip():
-        return "empty_completion"
-    if label is None:
-        return "null_label"
-    return ""
-
-
-@dataclass
-class Feedback:
-    kept: pa.Table  # tokenized rows, in read order, with provenance
-    rejected: pa.Table  # original rows with `reason`, `source_file`, `source_row`
-    files: list[str]
-
-
-def read_and_tokenize(path: str, tokenizer_path: str, max_length: int, max_prompt_length: int,
-                      trust_remote_code: bool = False, num_tokenizers: int = 1) -> Feedback:
-    files = list_parquet_files(path)
-    check_schema(files)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # KL pairing and provenance need the read order
-    dataset = ray.data.read_parquet(files, include_paths=True)
-    dataset = dataset.map_batches(
-        Tokenize,
-        fn_constructor_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length,
-                                   max_prompt_length=max_prompt_length, trust_remote_code=trust_remote_code),
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_tokenizers),
-        num_cpus=1,
-    )
-    blocks = [block for block in ray.get(dataset.to_arrow_refs()) if block.num_rows]
-    if not blocks:
-        raise DataError(f"data path {path!r}: its Parquet files hold no rows")
-    table = pa.concat_tables(blocks, promote_options="permissive")
-    table = table.rename_columns(["source_file" if n == "path" else n for n in table.column_names])
-    table = table.append_column("source_row", pa.array(_row_index_within_file(table), pa.int64()))
-    is_bad = pc.not_equal(table.column("reason"), "")
-    rejected = table.filter(is_bad).drop_columns(list(TOKEN_COLUMNS))
-    kept = table.filter(pc.invert(is_bad)).drop_columns(["reason"])
-    return Feedback(kept=kept, rejected=rejected, files=files)
+    tok = _tokenizer(settings.tokenizer_path, settings.trust_remote_code)
+    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in batch.column_names]
+    if missing:
+        source = batch.column("path")[0].as_py() if "path" in batch.column_names else "an input file"
+        raise DataError(f"{source}: required column(s) {missing} missing; every file needs {FORMAT_COLUMNS[fmt]}")
+    examples = to_examples({c: batch.column(c).to_pylist() for c in FORMAT_COLUMNS[fmt]}, fmt,
+                           settings.label_map, settings.prompt_delimiter)
+    n = len(examples)
+    reasons = [example[5] for example in examples]
+    texts: list = [None] * n
+    for j, (_, _, prompt, completion, _, reason, label_reason) in enumerate(examples):
+        if not reason:
+            prompt_text, completion_text, templated, reason = render(prompt, completion, tok)
+            texts[j], reasons[j] = (prompt_text, completion_text, templated), reason or label_reason
+    prompt_ids, completion_ids = [None] * n, [None] * n
+    prompt_tokens, completion_tokens = [0] * n, [0] * n
+    prompt_hash, row_hash = [0] * n, [0] * n
+    for templated in (False, True):
+        rows = [j for j in range(n) if not reasons[j] and texts[j][2] == templated]
+        prompts = _encode(tok, [texts[j][0] for j in rows], add_special_tokens=not templated)
+        completions = _encode(tok, [texts[j][1] for j in rows], add_special_tokens=False)
+        for j, p_ids, c_ids in zip(rows, prompts, completions):
+            if p_ids is None or c_ids is None:
+                reasons[j] = "tokenize_failed"
+                continue
+            room = settings.max_length - min(len(p_ids), settings.max_prompt_length)
+            if room < 1:
+                reasons[j] = "no_room_for_completion"
+                continue
+            prompt_tokens[j], completion_tokens[j] = len(p_ids), len(c_ids)
+            if tok.eos_token_id not in c_ids:
+                c_ids = c_ids + [tok.eos_token_id]
+            prompt_ids[j], completion_ids[j] = p_ids[-settings.max_prompt_length:], c_ids[:room]
+            prompt_hash[j] = _hash64(texts[j][0])
+            row_hash[j] = _hash64(texts[j][0], texts[j][1], str(examples[j][4]))
+    ids = pa.list_(pa.int32())
+    out = batch.take(pa.array([example[0] for example in examples], pa.int64()))
+    added = {"kto_side": pa.array([e[1] for e in examples], pa.int8()),
+             "kto_label": pa.array([e[4] if not r else None for e, r in zip(examples, reasons)], pa.bool_()),
+             "prompt_ids": pa.array(prompt_ids, ids), "completion_ids": pa.array(completion_ids, ids),
+             "prompt_tokens": pa.array(prompt_tokens, pa.int32()),
+             "completion_tokens": pa.array(completion_tokens, pa.int32()),
+             "prompt_hash": pa.array(prompt_hash, pa.int64()), "row_hash": pa.array(row_hash, pa.int64()),
+             "reason": pa.array(reasons, pa.string())}
+    for name in ADDED_COLUMNS:
+        out = out.append_column(name, added[name])
+    return out
 
 
-def _row_index_within_file(table: pa.Table) -> np.ndarray:
-    counters: dict[str, int] = {}
-    index = np.empty(table.num_rows, dtype=np.int64)
-    for i, source in enumerate(table.column("source_file").to_pylist()):
-        index[i] = counters.get(source, 0)
-        counters[source] = index[i] + 1
-    return index
+class PartWriter:
+    """Parquet part files in one folder, written as rows stream by; a new part whenever the
+    schema changes (JSON blocks can infer different types for the same column)."""
+
+    def __init__(self, folder: str):
+        self.folder, self.writer, self.parts = folder, None, 0
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        if self.writer is not None and not self.writer.schema.equals(table.schema):
+            self.close()
+        if self.writer is None:
+            os.makedirs(self.folder, exist_ok=True)
+            self.writer = pq.ParquetWriter(os.path.join(self.folder, f"part-{self.parts:05d}.parquet"), table.schema)
+            self.parts += 1
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
-def kl_partners(num_rows: int, block_size: int) -> np.ndarray:
-    """partner[i]: the row whose completion is row i's KL completion.
+class Tally:
+    """What the driver keeps of the stream: counts and length histograms, no rows."""
 
-    Blocks of `block_size` consecutive rows; row i of a block takes row (i + 1) mod m of the
-    same block. A short last block is folded into the previous one (so no block is below
-    2 rows and no row ever meets its own completion); with fewer rows than a block, the
-    rows form one block.
-    """
-    if block_size < 2:
-        raise ValueError(f"KL pairing block must be >= 2, got {block_size}")
-    if num_rows < 2:
-        raise DataError(f"{num_rows} usable row(s): KL pairing needs at least 2")
-    starts = list(range(0, num_rows, block_size))
-    if len(starts) > 1 and num_rows - starts[-1] < block_size:
-        starts.pop()  # fold the short last block into the previous one
-    partners = np.empty(num_rows, dtype=np.int64)
-    for start, end in zip(starts, starts[1:] + [num_rows]):
-        block = np.arange(start, end)
-        partners[start:end] = np.roll(block, -1)
-    return partners
+    def __init__(self):
+        self.reasons: Counter = Counter()
+        self.kept = self.desirable = self.source_rows = self.longest_sequence = 0
+        self.truncated = Counter()
+        self.lengths = {"prompt": np.zeros(LENGTH_BINS, np.int64), "completion": np.zeros(LENGTH_BINS, np.int64)}
 
+    def add(self, kept: pa.Table, reasons: list[str], settings: DataSettings) -> None:
+        self.reasons.update(reasons)
+        self.kept += kept.num_rows
+        self.desirable += int(pc.sum(kept.column("kto_label").cast(pa.int64())).as_py() or 0)
+        for side, limit in (("prompt", settings.max_prompt_length), ("completion", None)):
+            tokens = kept.column(f"{side}_tokens").to_numpy()
+            self.lengths[side] += np.bincount(np.minimum(tokens, LENGTH_BINS - 1), minlength=LENGTH_BINS)
+            truncated_to = pc.list_value_length(kept.column(f"{side}_ids")).to_numpy()
+            self.truncated[side] += int(np.sum(tokens > (truncated_to if limit is None else limit)))
 
-def add_kl_pairs(kept: pa.Table, block_size: int, max_length: int) -> tuple[pa.Table, dict]:
-    """Adds `row_index` and `kl_completion_ids`: the partner's completion, cut (from the right)
-    to what this row's prompt leaves of max_length, as every completion is."""
-    partners = kl_partners(kept.num_rows, block_size)
-    completions = kept.column("completion_ids").to_pylist()
-    kl_completions = [completions[j][: max_length - len(prompt)]
-                      for j, prompt in zip(partners, kept.column("prompt_ids").to_pylist())]
-    table = kept.append_column("row_index", pa.array(np.arange(kept.num_rows), pa.int64()))
-    table = table.append_column("kl_completion_ids", pa.array(kl_completions, pa.list_(pa.int32())))
-    folded = kept.num_rows % block_size if kept.num_rows > block_size else 0
-    return table, {"kl_block_size": block_size, "kl_rows_folded_into_last_block": folded}
+    def pairing_done(self, table: pa.Table) -> None:
+        lengths = [pc.list_value_length(table.column(c)).to_numpy() for c in
+                   ("prompt_ids", "completion_ids", "kl_completion_ids")]
+        self.longest_sequence = max(self.longest_sequence, int(np.max(lengths[0] + np.maximum(*lengths[1:]))))
 
+    def percentiles(self, side: str) -> dict:
+        cumulative = np.cumsum(self.lengths[side])
+        if not cumulative[-1]:
+            return {}
+        at = {f"p{q}": int(np.searchsorted(cumulative, q / 100 * cumulative[-1])) for q in (50, 90, 99)}
+        return {**at, "max": int(np.flatnonzero(self.lengths[side])[-1])}
 
-def build_schedule(num_rows: int, global_batch_size: int, num_train_epochs: float, max_steps: int,
-                   seed: int) -> pa.Table:
-    """(step, slot, row_index): which row fills each place of each global batch.
-
-    Fixed before training and independent of the worker count: a worker takes the slots of
-    its rank, so N workers see exactly the rows one worker would, and a resumed run picks
-    up at the same row. Each epoch is a fresh seeded permutation; a last partial batch stays.
-    """
-    steps_per_epoch = -(-num_rows // global_batch_size)
-    total_steps = max_steps if max_steps > 0 else max(1, int(round(num_train_epochs * steps_per_epoch)))
-    steps, slots, rows = [], [], []
-    step, epoch = 0, 0
-    while step < total_steps:
-        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
-        for start in range(0, num_rows, global_batch_size):
-            if step == total_steps:
-                break
-            chunk = order[start:start + global_batch_size]
-            steps.append(np.full(len(chunk), step))
-            slots.append(np.arange(len(chunk)))
-            rows.append(chunk)
-            step += 1
-        epoch += 1
-    return pa.table({"step": np.concatenate(steps), "slot": np.concatenate(slots), "row_index": np.concatenate(rows)})
+    def report(self, fmt: str, files: list[str], pairer: KLPairer) -> dict:
+        rejected = sum(self.reasons.values())
+        return {"format": fmt, "files": len(files), "source_rows": self.source_rows,
+                "read": self.kept + rejected, "kept": self.kept, "rejected": rejected,
+                "rejected_by_reason": dict(sorted(self.reasons.items())),
+                "desirable": self.desirable, "undesirable": self.kept - self.desirable,
+                "tokens_before_truncation": {side: self.percentiles(side) for side in ("prompt", "completion")},
+                "truncated": dict(self.truncated), "longest_sequence": self.longest_sequence,
+                "kl_block_size": pairer.block_size, "kl_rows_folded_into_last_block": pairer.folded_rows}
 
 
-def label_counts(table: pa.Table) -> tuple[int, int]:
-    desirable = int(pc.sum(table.column("label").cast(pa.int64())).as_py() or 0)
-    return desirable, table.num_rows - desirable
+def _provenance(batch: pa.Table, fmt: str, rows_seen: Counter) -> pa.Table:
+    """source_file, source_row (the row's index within its file, counted in read order) and,
+    for pairs, pair_id and pair_side."""
+    files = batch.column("path").to_pylist()
+    sides = batch.column("kto_side").to_numpy()
+    source_rows = np.empty(len(files), np.int64)
+    for i, (file, side) in enumerate(zip(files, sides)):
+        rows_seen[file] += int(side == 0)  # an input row's examples arrive together, side 0 first
+        source_rows[i] = rows_seen[file] - 1
+    batch = batch.rename_columns(["source_file" if n == "path" else n for n in batch.column_names])
+    batch = batch.append_column("source_row", pa.array(source_rows))
+    if fmt in PAIRED_FORMATS:
+        batch = batch.append_column("pair_id", pc.binary_join_element_wise(
+            batch.column("source_file"), pc.cast(batch.column("source_row"), pa.string()), "#"))
+        batch = batch.append_column("pair_side", pc.if_else(pc.equal(batch.column("kto_side"), 0), "chosen", "rejected"))
+    return batch
+
+
+def _mark_duplicates(batch: pa.Table, seen: set) -> pa.Table:
+    reasons = batch.column("reason").to_pylist()
+    for i, row_hash in enumerate(batch.column("row_hash").to_pylist()):
+        if not reasons[i]:
+            if row_hash in seen:
+                reasons[i] = "duplicate"
+            seen.add(row_hash)
+    return batch.set_column(batch.column_names.index("reason"), "reason", pa.array(reasons, pa.string()))
+
+
+def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
+    """Streams `path` through the data stage into out_dir/examples/ (kept, KL-paired rows) and
+    out_dir/rejected/ (original rows with a reason); returns the counts."""
+    files, kind = list_input_files(path)
+    fmt = check_inputs(files, kind, settings)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # provenance and pairing
+    read = ray.data.read_parquet if kind == "parquet" else ray.data.read_json
+    dataset = read(files, include_paths=True).map_batches(
+        tokenize_batch, fn_args=(fmt, settings), batch_format="pyarrow", num_cpus=1)
+    examples, rejected = PartWriter(os.path.join(out_dir, "examples")), PartWriter(os.path.join(out_dir, "rejected"))
+    tally, rows_seen, seen = Tally(), Counter(), set()
+
+    def write_paired(table: pa.Table) -> None:
+        tally.pairing_done(table)
+        examples.write(table)
+
+    pairer = KLPairer(settings.kl_block_size, settings.max_length, write_paired)
+    kept_columns = ["prompt_ids", "completion_ids", "kto_label", "source_file", "source_row", "prompt_hash"]
+    if fmt in PAIRED_FORMATS:
+        kept_columns.append("pair_id")
+    for batch in dataset.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        batch = _provenance(batch, fmt, rows_seen)
+        if settings.deduplicate:
+            batch = _mark_duplicates(batch, seen)
+        is_bad = pc.not_equal(batch.column("reason"), "")
+        bad = batch.filter(is_bad)
+        rejected.write(bad.drop_columns([c for c in ADDED_COLUMNS if c not in ("reason",)] + (
+            ["pair_id"] if fmt in PAIRED_FORMATS else [])))
+        kept = batch.filter(pc.invert(is_bad))
+        tally.add(kept, bad.column("reason").to_pylist(), settings)
+        tally.source_rows = sum(rows_seen.values())
+        pairer.add(kept.select(kept_columns).rename_columns(
+            ["prompt_ids", "completion_ids", "label", "source_file", "source_row", "prompt_hash"] + kept_columns[6:]))
+    if tally.kept >= 2:
+        pairer.finish()
+    examples.close()
+    rejected.close()
+    return tally.report(fmt, files, pairer)

@@ -9,6 +9,7 @@ enters every loss term and z0. This computes the trainer's own log-probs (float3
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset
 import torch
 
 from pipeline.logprobs import score_sequences
@@ -18,8 +19,10 @@ class DriftError(RuntimeError):
     """The cached reference log-probs are too far from the trainer's own at step 0."""
 
 
-def sample_rows(scored: pa.Table, rows: int, seed: int) -> pa.Table:
-    order = np.random.default_rng(seed).permutation(scored.num_rows)[:rows]
+def sample_rows(scored_path: str, rows: int, seed: int) -> pa.Table:
+    """A seeded sample of the scored file, read without loading the rest of it."""
+    scored = pyarrow.dataset.dataset(scored_path)
+    order = np.random.default_rng(seed).permutation(scored.count_rows())[:rows]
     return scored.take(pa.array(np.sort(order)))
 
 

@@ -1,10 +1,12 @@
 """The driver of `launch.py train`: Ray start-up, the data and reference stages, the Ray
 Train run, held-out checks, and the files of the run directory. One function a stage."""
 
+import glob
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -16,10 +18,12 @@ import yaml
 
 from actors.reference import ScoringOptions
 from pipeline.config import Config, ConfigError
-from pipeline.data import add_kl_pairs, build_schedule, label_counts, read_and_tokenize
+from pipeline.checks import check_counts, examine, weight_advice
+from pipeline.data import DataError
+from pipeline.pairing import build_schedule
 from pipeline.drift import DriftError, sample_rows, step0_drift
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path
-from pipeline.scoring import cache_path, fingerprint, score_with_cache
+from pipeline.scoring import fingerprint, score_examples
 
 log = logging.getLogger("kto")
 RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
@@ -59,46 +63,40 @@ def start_ray(config: Config) -> None:
 
 @dataclass
 class Prepared:
-    """What the data and reference stages leave for training."""
+    """What the data and reference stages leave for training: Parquet files and their counts."""
     model_path: str
     reference_path: str
     tokenizer: object
-    scored: pa.Table
     scored_path: str
     counts: dict
-    eval_scored: Optional[pa.Table] = None
+    eval_scored_path: Optional[str] = None
     eval_counts: Optional[dict] = None
 
 
 def prepare(config: Config, source: str, data_path: str, model_path: str, reference_path: str,
-            pad_token_id: int) -> tuple[pa.Table, dict]:
-    """Read, tokenize, pair and score one data source (`source`: train or eval): the scored rows
-    and their counts; rejected rows go to <run>/rejected/<source>.parquet with their reasons."""
-    k, r = config.kto, config.reference
-    feedback = read_and_tokenize(data_path, model_path, k.max_length, k.max_prompt_length,
-                                 config.model.trust_remote_code)
-    paired, pairing = add_kl_pairs(feedback.kept, config.data.kl_block_size, k.max_length)
-    settings = {"max_length": k.max_length, "max_prompt_length": k.max_prompt_length,
-                "kl_block_size": config.data.kl_block_size, "backend": r.backend, "dtype": r.dtype}
-    key = fingerprint(feedback.files, model_path, reference_path, settings)
-    options = ScoringOptions(dtype=r.dtype, max_tokens_per_batch=r.max_tokens_per_batch,
-                             trust_remote_code=config.model.trust_remote_code,
-                             tensor_parallel_size=r.tensor_parallel_size,
-                             gpu_memory_utilization=r.gpu_memory_utilization,
-                             cache_root=os.path.join(r.cache_dir, "vllm"))
-    scored, cache_hit = score_with_cache(
-        paired, r.cache_dir, key, backend=r.backend, reference_path=reference_path, pad_token_id=pad_token_id,
-        num_replicas=r.num_replicas, num_cpus_per_replica=r.num_cpus_per_replica,
-        num_gpus_per_replica=r.num_gpus_per_replica, options=options)
-    if feedback.rejected.num_rows:
+            pad_token_id: int) -> tuple[str, dict]:
+    """Data and reference stages for one source (train or eval): the scored Parquet file and its
+    counts; the rejected rows are copied to <run>/rejected/<source>-part-N.parquet."""
+    r = config.reference
+    folder, counts = examine(config, data_path, model_path)
+    for part in sorted(glob.glob(os.path.join(counts["rejected_dir"], "*.parquet"))):
         os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
-        pq.write_table(feedback.rejected, os.path.join(config.run_dir, "rejected", f"{source}.parquet"))
-    reasons = feedback.rejected.column("reason").to_pylist()
-    counts = {"read": feedback.kept.num_rows + feedback.rejected.num_rows, "kept": feedback.kept.num_rows,
-              "rejected": feedback.rejected.num_rows,
-              "rejected_by_reason": {reason: reasons.count(reason) for reason in sorted(set(reasons))},
-              "fingerprint": key, "reference_cache_hit": cache_hit, **pairing}
-    return scored, counts
+        shutil.copyfile(part, os.path.join(config.run_dir, "rejected", f"{source}-{os.path.basename(part)}"))
+    check_counts(config, counts, data_path)
+    scored_path = os.path.join(folder, "scored-" + fingerprint(
+        [], [reference_path], {"backend": r.backend, "dtype": r.dtype}) + ".parquet")
+    cache_hit = os.path.exists(scored_path)
+    if not cache_hit:
+        options = ScoringOptions(dtype=r.dtype, max_tokens_per_batch=r.max_tokens_per_batch,
+                                 trust_remote_code=config.model.trust_remote_code,
+                                 tensor_parallel_size=r.tensor_parallel_size,
+                                 gpu_memory_utilization=r.gpu_memory_utilization,
+                                 cache_root=os.path.join(r.cache_dir, "vllm"))
+        score_examples(os.path.join(folder, "examples"), scored_path, counts["longest_sequence"], backend=r.backend,
+                       reference_path=reference_path, pad_token_id=pad_token_id, num_replicas=r.num_replicas,
+                       num_cpus_per_replica=r.num_cpus_per_replica, num_gpus_per_replica=r.num_gpus_per_replica,
+                       options=options)
+    return scored_path, {**counts, "fingerprint": os.path.basename(folder), "reference_cache_hit": cache_hit}
 
 
 def precompute(config: Config) -> Prepared:
@@ -113,13 +111,29 @@ def precompute(config: Config) -> Prepared:
 
         ensure_demo_data(config.data.path, config.eval.path, tokenizer)
     start_ray(config)
-    scored, counts = prepare(config, "train", config.data.path, model_path, reference_path, tokenizer.pad_token_id)
-    scored_path = cache_path(config.reference.cache_dir, counts["fingerprint"])
-    prepared = Prepared(model_path, reference_path, tokenizer, scored, scored_path, counts)
+    scored_path, counts = prepare(config, "train", config.data.path, model_path, reference_path,
+                                  tokenizer.pad_token_id)
+    prepared = Prepared(model_path, reference_path, tokenizer, scored_path, counts)
     if config.eval.path:
-        prepared.eval_scored, prepared.eval_counts = prepare(config, "eval", config.eval.path, model_path,
-                                                             reference_path, tokenizer.pad_token_id)
+        prepared.eval_scored_path, prepared.eval_counts = prepare(config, "eval", config.eval.path, model_path,
+                                                                  reference_path, tokenizer.pad_token_id)
     return prepared
+
+
+def validate_data(config: Config, data_path: str) -> dict:
+    """`launch.py validate`: the data stage's checks and counts, without scoring or training;
+    `trainable` is false (and `problem` says why) when train would stop on this data."""
+    model_path = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
+    start_ray(config)
+    _, counts = examine(config, data_path, model_path)
+    k = config.kto
+    report = {**counts, "weights": weight_advice(k.desirable_weight, k.undesirable_weight,
+                                                 counts["desirable"], counts["undesirable"])}
+    try:
+        check_counts(config, counts, data_path)
+        return {**report, "trainable": True}
+    except DataError as problem:
+        return {**report, "trainable": False, "problem": str(problem)}
 
 
 def check_drift(config: Config, prepared: Prepared) -> dict:
@@ -129,7 +143,7 @@ def check_drift(config: Config, prepared: Prepared) -> dict:
         return {"skipped": "reference.drift_check_rows is 0"}
     if prepared.reference_path != prepared.model_path:
         return {"skipped": f"reference.model ({r.model}) is not the policy: r != 0 at step 0 is expected"}
-    sample = sample_rows(prepared.scored, r.drift_check_rows, config.training.seed)
+    sample = sample_rows(prepared.scored_path, r.drift_check_rows, config.training.seed)
     arguments = (prepared.model_path, sample, prepared.tokenizer.pad_token_id, config.model.trust_remote_code)
     if config.scaling.use_gpu:  # on a GPU, as the trainers compute; the driver may have none
         drift = ray.get(ray.remote(step0_drift).options(num_cpus=1, num_gpus=1).remote(*arguments))
@@ -147,20 +161,14 @@ def check_drift(config: Config, prepared: Prepared) -> dict:
 
 
 def resolve_desirable_weight(config: Config, n_desirable: int, n_undesirable: int) -> float:
-    """`auto` sets lambda_D n_D / (lambda_U n_U) = 1; otherwise warn outside [1, 4/3] (KTO paper, Eq. 8)."""
+    """The desirable weight to train with: `auto` resolved from the label counts; a warning
+    when the weights leave the paper's range."""
     k = config.kto
-    if n_desirable == 0 or n_undesirable == 0:
-        log.warning("training data has %d desirable and %d undesirable rows: one side of the KTO loss is empty",
-                    n_desirable, n_undesirable)
-        return 1.0 if k.desirable_weight == "auto" else k.desirable_weight
-    balanced = k.undesirable_weight * n_undesirable / n_desirable
+    advice = weight_advice(k.desirable_weight, k.undesirable_weight, n_desirable, n_undesirable)
+    if not advice["in_range"]:
+        log.warning(advice["advice"])
     if k.desirable_weight == "auto":
-        return balanced
-    ratio = k.desirable_weight * n_desirable / (k.undesirable_weight * n_undesirable)
-    if not 1 <= ratio <= 4 / 3:
-        log.warning("desirable_weight * n_D / (undesirable_weight * n_U) = %.3f * %d / (%.3f * %d) = %.3f is "
-                    "outside [1, 4/3]; kto.desirable_weight=%.3f (or 'auto') would bring it to 1",
-                    k.desirable_weight, n_desirable, k.undesirable_weight, n_undesirable, ratio, balanced)
+        return advice["auto_desirable_weight"] or 1.0
     return k.desirable_weight
 
 
@@ -219,15 +227,16 @@ def train(config: Config) -> dict:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     prepared = precompute(config)
     drift = check_drift(config, prepared)
-    model_path, tokenizer, scored = prepared.model_path, prepared.tokenizer, prepared.scored
-    n_desirable, n_undesirable = label_counts(scored)
+    model_path, tokenizer, counts = prepared.model_path, prepared.tokenizer, prepared.counts
+    n_desirable, n_undesirable = counts["desirable"], counts["undesirable"]
     desirable_weight = resolve_desirable_weight(config, n_desirable, n_undesirable)
     schedule_path = os.path.join(run_dir, "schedule.parquet")
     t = config.training
-    schedule = build_schedule(scored.num_rows, config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed)
+    schedule = build_schedule(counts["kept"], config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed)
     pq.write_table(schedule, schedule_path)
 
-    eval_scored, before, after = prepared.eval_scored, None, None
+    eval_scored = pq.read_table(prepared.eval_scored_path) if prepared.eval_scored_path else None  # small
+    before = after = None
     if eval_scored is not None:
         before = held_out_check(config, load_causal_lm(model_path, config.model.trust_remote_code).eval(),
                                 tokenizer, eval_scored)

@@ -1,5 +1,6 @@
-"""The reference stage: score every row and its KL pair once, on an actor pool, and keep
-the result in a Parquet cache keyed by a fingerprint of everything that changes the numbers.
+"""The reference stage: score every row and its KL pair once, on an actor pool, streaming the
+examples from Parquet into a Parquet cache keyed by a fingerprint of everything that changes
+the numbers.
 """
 
 import glob
@@ -10,25 +11,23 @@ import tempfile
 from dataclasses import replace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
 from actors.reference import ReferenceScorer, ScoringOptions
 
-CACHE_FORMAT = 2  # bump when the cached columns or their meaning change
-SCORED_COLUMNS = ["row_index", "prompt_ids", "completion_ids", "kl_completion_ids"]
+CACHE_FORMAT = 3  # bump when the cached columns or their meaning change
 
 
-def fingerprint(files: list[str], tokenizer_path: str, reference_path: str, settings: dict) -> str:
-    """sha256 of the inputs (path, size, mtime), tokenizer and reference files, truncation and pairing."""
+def fingerprint(files: list[str], model_folders: list[str], settings: dict) -> str:
+    """sha256 of the input files (path, size, mtime), the model folders' config, tokenizer and
+    weight files, and the settings."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": CACHE_FORMAT, **settings}, sort_keys=True).encode())
+    digest.update(json.dumps({"format": CACHE_FORMAT, **settings}, sort_keys=True, default=str).encode())
     for file in files:
         stat = os.stat(file)
         digest.update(f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    for folder in (tokenizer_path, reference_path):
+    for folder in model_folders:
         digest.update(folder.encode())
         for name in sorted(glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "*.safetensors"))):
             stat = os.stat(name)
@@ -36,51 +35,41 @@ def fingerprint(files: list[str], tokenizer_path: str, reference_path: str, sett
     return digest.hexdigest()[:20]
 
 
-def cache_path(cache_dir: str, key: str) -> str:
-    return os.path.join(os.path.abspath(cache_dir), key, "scored.parquet")
+def score_examples(examples_dir: str, target: str, max_model_len: int, *, backend: str, reference_path: str,
+                   pad_token_id: int, num_replicas: int, num_cpus_per_replica: float,
+                   num_gpus_per_replica: float, options: ScoringOptions) -> None:
+    """Streams the examples through the reference actors into `target`, adding `ref_logp` and
+    `ref_kl_logp`. The actor pool (and the GPUs it holds) is released when scoring ends.
 
-
-def longest_sequence(table: pa.Table) -> int:
-    """Tokens in the longest prompt + completion or prompt + KL completion of the table."""
-    prompt = pc.list_value_length(table.column("prompt_ids"))
-    completion = pc.max_element_wise(pc.list_value_length(table.column("completion_ids")),
-                                     pc.list_value_length(table.column("kl_completion_ids")))
-    return int(pc.max(pc.add(prompt, completion)).as_py())
-
-
-def score_with_cache(table: pa.Table, cache_dir: str, key: str, *, backend: str, reference_path: str,
-                     pad_token_id: int, num_replicas: int, num_cpus_per_replica: float,
-                     num_gpus_per_replica: float, options: ScoringOptions) -> tuple[pa.Table, bool]:
-    """The table with `ref_logp` and `ref_kl_logp`, and whether it came from the cache.
-
-    The actor pool (and the GPUs it holds) is released when scoring ends, before training starts.
+    Written then renamed: a crash mid-write never leaves a cache entry that looks complete.
     """
-    cached = cache_path(cache_dir, key)
-    if os.path.exists(cached):
-        return pq.read_table(cached), True
-    scores = (
-        ray.data.from_arrow(table.select(SCORED_COLUMNS))
-        .map_batches(
-            ReferenceScorer,
-            fn_constructor_kwargs=dict(backend=backend, model_path=reference_path, pad_token_id=pad_token_id,
-                                       options=replace(options, max_model_len=longest_sequence(table) + 1)),
-            batch_format="numpy",
-            batch_size=256,
-            compute=ray.data.ActorPoolStrategy(size=num_replicas),
-            num_cpus=num_cpus_per_replica,
-            num_gpus=num_gpus_per_replica,
-        )
-        .to_arrow_refs()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the row check below
+    scored = ray.data.read_parquet(examples_dir).map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs=dict(backend=backend, model_path=reference_path, pad_token_id=pad_token_id,
+                                   options=replace(options, max_model_len=max_model_len + 1)),
+        batch_format="pyarrow",
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=num_replicas),
+        num_cpus=num_cpus_per_replica,
+        num_gpus=num_gpus_per_replica,
     )
-    scores = pa.concat_tables(ray.get(scores)).sort_by("row_index")
-    if not np.array_equal(scores.column("row_index").to_numpy(), table.column("row_index").to_numpy()):
-        raise RuntimeError("reference scoring lost or duplicated rows; the cache was not written")
-    scored = table.append_column("ref_logp", scores.column("ref_logp")).append_column(
-        "ref_kl_logp", scores.column("ref_kl_logp"))
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    # Write then rename: a crash mid-write never leaves a cache entry that looks complete.
-    handle, staging = tempfile.mkstemp(dir=os.path.dirname(cached), suffix=".parquet.tmp")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".parquet.tmp")
     os.close(handle)
-    pq.write_table(scored, staging)
-    os.replace(staging, cached)
-    return scored, False
+    writer, expected = None, 0
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = batch.column("row_index").to_numpy()
+            if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
+                raise RuntimeError(f"reference scoring returned rows out of order near row {expected}; "
+                                   "the cache was not written")
+            expected += len(rows)
+            writer = writer or pq.ParquetWriter(staging, batch.schema)
+            writer.write_table(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    if expected != pq.read_metadata(os.path.join(examples_dir, "part-00000.parquet")).num_rows:
+        raise RuntimeError("reference scoring lost rows; the cache was not written")
+    os.replace(staging, target)

@@ -39,7 +39,7 @@ def tiny_run(tmp_path, tiny_model):
     good = pq.read_table(write_feedback(str(data / "date=2026-11-21" / "part-0.parquet"), rows=12, seed=2))
     pq.write_table(pa.concat_tables([good, bad]), str(data / "date=2026-11-21" / "part-0.parquet"))
     config = {
-        "data": {"path": str(data), "kl_block_size": 4},
+        "data": {"path": str(data), "kl_block_size": 4, "max_rejected_fraction": 0.2},
         "model": {"name_or_path": tiny_model, "cache_dir": str(tmp_path / "models")},
         "reference": {"cache_dir": str(tmp_path / "cache")},
         "kto": {"max_length": 64, "max_prompt_length": 32, "desirable_weight": "auto"},
@@ -63,7 +63,7 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert first.returncode == 0, first.stderr[-3000:]
     run = runs / "first"
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl",
-                 "summary.json", "config.yaml", "rejected/train.parquet"):
+                 "summary.json", "config.yaml", "rejected/train-part-00000.parquet"):
         assert (run / name).is_file(), name
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,7 +84,7 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert counts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
     assert counts["reference_cache_hit"] is True and summary["num_workers"] == 2  # scored by precompute
     assert counts["fingerprint"] == precomputed["data"]["fingerprint"]
-    rejected = pq.read_table(str(run / "rejected" / "train.parquet"))
+    rejected = pq.read_table(str(run / "rejected" / "train-part-00000.parquet"))
     assert sorted(rejected.column("extra").to_pylist()) == [100, 101, 102]
     assert {"reason", "source_file", "source_row"} <= set(rejected.column_names)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -93,7 +93,9 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
 
     other_dtype = launch("precompute", "--config", config, "--set", "reference.dtype=bfloat16")
     assert other_dtype.returncode == 0, other_dtype.stderr[-3000:]
-    assert first_json(other_dtype.stdout)["data"]["fingerprint"] != counts["fingerprint"]
+    other = first_json(other_dtype.stdout)  # the same examples, scored again in another dtype
+    assert other["data"]["fingerprint"] == counts["fingerprint"] and other["scored"] != precomputed["scored"]
+    assert other["data"]["reference_cache_hit"] is False
 
     # The same run name again resumes from its last checkpoint: no step runs twice.
     rerun = launch("train", "--config", config)

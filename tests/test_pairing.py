@@ -4,7 +4,8 @@ training independent of the worker count."""
 import numpy as np
 import pytest
 
-from pipeline.data import DataError, build_schedule, kl_partners
+from pipeline.formats import DataError
+from pipeline.pairing import build_schedule, kl_partners
 
 
 @pytest.mark.parametrize("block_size", [2, 3, 4, 7, 8, 16])

@@ -11,10 +11,10 @@ import pytest
 
 from actors.reference import ScoringOptions
 from conftest import tiny_config, write_feedback
-from pipeline.data import add_kl_pairs, read_and_tokenize
+from pipeline.data import DataSettings, process_feedback
 from pipeline.drift import DriftError
 from pipeline.run import train
-from pipeline.scoring import score_with_cache
+from pipeline.scoring import score_examples
 
 # Measured on the tiny model (float32): vLLM's CPU build and the transformers forward agree to
 # about 3e-5 nats a sequence; on SmolLM2-135M, 2e-4 (sequences of 45-180 tokens).
@@ -23,15 +23,16 @@ AGREEMENT_NATS = 1e-3
 
 def test_vllm_and_hf_backends_agree(tmp_path, tiny_model, ray_local):
     data = write_feedback(str(tmp_path / "feedback.parquet"), rows=40)
-    feedback = read_and_tokenize(data, tiny_model, max_length=64, max_prompt_length=32)
-    table, _ = add_kl_pairs(feedback.kept, block_size=4, max_length=64)
+    settings = DataSettings(tokenizer_path=tiny_model, max_length=64, max_prompt_length=32, kl_block_size=4)
+    report = process_feedback(data, settings, str(tmp_path / "examples"))
     scores = {}
     for backend in ("hf", "vllm"):
-        scored, hit = score_with_cache(
-            table, str(tmp_path / "cache"), backend, backend=backend, reference_path=tiny_model, pad_token_id=1,
-            num_replicas=1, num_cpus_per_replica=1, num_gpus_per_replica=0,
-            options=ScoringOptions(cache_root=str(tmp_path / "vllm")))
-        assert not hit and scored.column("row_index").to_pylist() == list(range(40))
+        target = str(tmp_path / f"scored-{backend}.parquet")
+        score_examples(str(tmp_path / "examples" / "examples"), target, report["longest_sequence"], backend=backend,
+                       reference_path=tiny_model, pad_token_id=1, num_replicas=1, num_cpus_per_replica=1,
+                       num_gpus_per_replica=0, options=ScoringOptions(cache_root=str(tmp_path / "vllm")))
+        scored = pq.read_table(target)
+        assert scored.column("row_index").to_pylist() == list(range(40))
         scores[backend] = np.concatenate([scored.column("ref_logp").to_numpy(), scored.column("ref_kl_logp").to_numpy()])
     assert np.all(scores["hf"] < 0)
     np.testing.assert_allclose(scores["vllm"], scores["hf"], rtol=0, atol=AGREEMENT_NATS)

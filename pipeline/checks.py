@@ -1,0 +1,79 @@
+"""The data stage as the driver runs it: cached by a fingerprint of the inputs and settings,
+with the checks that decide whether the data can train and the label-balance advice."""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+
+from pipeline.config import Config
+from pipeline.data import DataError, DataSettings, list_input_files, process_feedback
+from pipeline.scoring import fingerprint
+
+
+def data_settings(config: Config, tokenizer_path: str) -> DataSettings:
+    d, k = config.data, config.kto
+    return DataSettings(tokenizer_path=tokenizer_path, max_length=k.max_length, max_prompt_length=k.max_prompt_length,
+                        kl_block_size=d.kl_block_size, format=d.format, label_map=dict(d.label_map),
+                        prompt_delimiter=d.prompt_delimiter, deduplicate=d.deduplicate,
+                        trust_remote_code=config.model.trust_remote_code)
+
+
+def examine(config: Config, data_path: str, tokenizer_path: str) -> tuple[str, dict]:
+    """The data stage for one path, cached: (its cache folder, its counts). The folder holds
+    examples/ (kept, KL-paired rows), rejected/ (rows with reasons) and report.json."""
+    settings = data_settings(config, tokenizer_path)
+    files, _ = list_input_files(data_path)
+    folder = os.path.join(os.path.abspath(config.reference.cache_dir), fingerprint(files, [tokenizer_path],
+                                                                                   asdict(settings)))
+    report_path = os.path.join(folder, "report.json")
+    if not os.path.exists(report_path):
+        staging = f"{folder}.tmp-{os.getpid()}"
+        try:
+            report = process_feedback(data_path, settings, staging)
+            with open(os.path.join(staging, "report.json"), "w") as f:
+                json.dump(report, f, indent=2)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            os.rename(staging, folder)  # complete or absent: an interrupted stage is never reused
+        except OSError:  # another run finished the same stage first
+            shutil.rmtree(staging, ignore_errors=True)
+    with open(report_path) as f:
+        report = json.load(f)
+    return folder, {**report, "rejected_dir": os.path.join(folder, "rejected")}
+
+
+def check_counts(config: Config, counts: dict, data_path: str) -> None:
+    """Stop when the data cannot train: too many rejected rows, or too few kept to pair."""
+    read, rejected = counts["read"], counts["rejected"]
+    if read == 0:
+        raise DataError(f"data path {data_path!r}: its files hold no rows")
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in counts["rejected_by_reason"].items())
+    if rejected / read > config.data.max_rejected_fraction:
+        raise DataError(
+            f"data path {data_path!r}: {rejected} of {read} rows ({rejected / read:.1%}) were rejected ({reasons}), "
+            f"above data.max_rejected_fraction = {config.data.max_rejected_fraction:g}. The rows and their reasons "
+            f"are in {counts['rejected_dir']}; fix the data, or raise data.max_rejected_fraction")
+    if counts["kept"] < 2:
+        raise DataError(f"data path {data_path!r}: {counts['kept']} usable row(s) ({reasons or 'none rejected'}); "
+                        "KL pairing needs at least 2")
+
+
+def weight_advice(desirable_weight, undesirable_weight: float, n_desirable: int, n_undesirable: int) -> dict:
+    """KTO paper, Eq. 8: keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]; `auto` sets it to 1."""
+    if n_desirable == 0 or n_undesirable == 0:
+        return {"ratio": None, "in_range": False, "auto_desirable_weight": None,
+                "advice": f"{n_desirable} desirable and {n_undesirable} undesirable rows: one side of the KTO "
+                          "loss is empty; KTO needs both kinds of feedback"}
+    auto = undesirable_weight * n_undesirable / n_desirable
+    weight = auto if desirable_weight == "auto" else desirable_weight
+    ratio = weight * n_desirable / (undesirable_weight * n_undesirable)
+    in_range = 1 - 1e-9 <= ratio <= 4 / 3 + 1e-9
+    named = "auto = " if desirable_weight == "auto" else ""
+    advice = (f"desirable_weight * n_D / (undesirable_weight * n_U) = {named}{weight:.4g} * {n_desirable} / "
+              f"({undesirable_weight:.4g} * {n_undesirable}) = {ratio:.3f}, "
+              + ("within [1, 4/3]" if in_range else f"outside [1, 4/3]; kto.desirable_weight: auto "
+                                                    f"(= {auto:.4g} here) would bring it to 1"))
+    return {"ratio": ratio, "in_range": in_range, "auto_desirable_weight": auto, "advice": advice}
