@@ -33,14 +33,19 @@ PAIRED_FORMATS = ("paired", "implicit_paired")
 
 
 def detect_format(columns: list[str], requested: str, source: str) -> str:
-    """The format named in the config, or the first whose columns the file has."""
-    candidates = [requested] if requested != "auto" else list(FORMAT_COLUMNS)
-    for name in candidates:
-        if all(column in columns for column in FORMAT_COLUMNS[name]):
+    """The format named in the config, or else the first whose columns the file has."""
+    if requested != "auto":
+        missing = [column for column in FORMAT_COLUMNS[requested] if column not in columns]
+        if missing:
+            raise DataError(f"{source}: required column(s) {missing} missing (columns: {columns}); data.format = "
+                            f"{requested} needs {', '.join(FORMAT_COLUMNS[requested])}")
+        return requested
+    for name, needed in FORMAT_COLUMNS.items():
+        if all(column in columns for column in needed):
             return name
-    expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items() if name in candidates)
-    raise DataError(f"{source}: the columns {columns} do not match the feedback format ({expected}); "
-                    "rename the columns, or set data.format to the format the file has")
+    expected = "; ".join(f"{name}: {', '.join(needed)}" for name, needed in FORMAT_COLUMNS.items())
+    raise DataError(f"{source}: the columns {columns} match no feedback format ({expected}); rename the columns, "
+                    "or set data.format and add the missing ones")
 
 
 def _type_kind(data_type: pa.DataType) -> str:

@@ -10,6 +10,15 @@ WORDS = ("the a cat dog sky is blue green red yes no good bad answer question wh
          "sure thing well ok hello capital city river mountain sound color opposite big small").split()
 
 
+# ChatML turns closed by the tokenizer's EOS; like many real templates it refuses roles it does not know.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported role: ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<eos>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def make_tokenizer(folder: str, extra_text: list[str] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -24,6 +33,7 @@ def make_tokenizer(folder: str, extra_text: list[str] = ()):
     tokenizer.train_from_iterator(corpus, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
                                       eos_token="<eos>")
+    wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(folder)
     return wrapped
 

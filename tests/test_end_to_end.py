@@ -103,6 +103,23 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_validate_prints_the_facts_and_fails_when_too_much_is_bad(tiny_run):
+    config, _ = tiny_run
+    result = launch("validate", "--config", config, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = first_json(result.stdout)
+    assert (facts["read"], facts["kept"], facts["rejected"]) == (29, 26, 3) and facts["trainable"] is True
+    assert facts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
+    assert facts["desirable"] + facts["undesirable"] == 26 and facts["tokens_before_truncation"]["prompt"]["p50"] > 0
+    n_d, n_u = facts["desirable"], facts["undesirable"]
+    assert facts["weights"]["auto_desirable_weight"] == pytest.approx(n_u / n_d) and facts["weights"]["in_range"]
+
+    strict = launch("validate", "--config", config, "--json", "--set", "data.max_rejected_fraction=0.05")
+    assert strict.returncode == 1 and first_json(strict.stdout)["trainable"] is False
+    assert "3 of 29 rows" in strict.stderr and "data.max_rejected_fraction" in strict.stderr
+    assert launch("train", "--config", config, "--set", "data.max_rejected_fraction=0.05").returncode == 2
+
+
 def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path):
     config, _ = tiny_run
     result = launch("train", "--config", config, "--set", "data.kl_block_size=1")

@@ -2,10 +2,11 @@
 training independent of the worker count."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.formats import DataError
-from pipeline.pairing import build_schedule, kl_partners
+from pipeline.pairing import KLPairer, build_schedule, kl_partners
 
 
 @pytest.mark.parametrize("block_size", [2, 3, 4, 7, 8, 16])
@@ -45,3 +46,30 @@ def test_schedule_covers_each_epoch_once_and_does_not_depend_on_workers():
     again = build_schedule(num_rows=10, global_batch_size=4, num_train_epochs=2, max_steps=-1, seed=3)
     assert again.equals(schedule)
     assert build_schedule(10, 4, 1, max_steps=7, seed=3).column("step").to_numpy().max() == 6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pairing_on_the_stream_equals_pairing_the_whole_set(seed):
+    """KLPairer, fed chunks of any size, gives each row the partner kl_partners gives it
+    over the whole set (same-prompt rows skipped), and cuts KL completions to max_length."""
+    rng = np.random.default_rng(seed)
+    n, block = int(rng.integers(2, 120)), int(rng.integers(2, 12))
+    keys = rng.integers(0, 4, n)  # few distinct prompts: the skip rule is exercised
+    table = pa.table({"prompt_ids": [[int(k)] * 2 for k in keys], "completion_ids": [[i, i, i] for i in range(n)],
+                      "prompt_hash": keys})
+    emitted = []
+    pairer = KLPairer(block, max_length=4, emit=emitted.append)
+    start = 0
+    while start < n:
+        size = int(rng.integers(0, 3 * block))
+        pairer.add(table.slice(start, size))
+        start += size
+    pairer.finish()
+    result = pa.concat_tables(emitted)
+    assert result.column("row_index").to_pylist() == list(range(n))
+    partners = kl_partners(n, block, keys)
+    assert result.column("kl_completion_ids").to_pylist() == [[int(p)] * 2 for p in partners]  # 4 - 2 prompt tokens
+    differs = [keys[p] != keys[i] for i, p in enumerate(partners)]
+    for start in range(0, n, block):  # wherever a block holds another prompt, a row's partner has one
+        if len(set(keys[start:start + block])) > 1 and start + 2 * block <= n:
+            assert all(differs[start:start + block])
