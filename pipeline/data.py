@@ -2,7 +2,7 @@
 KTO examples, tokenize them once, quarantine bad rows with a reason, pair each kept row with a
 KL partner, and write the result as Parquet. It streams: memory stays bounded at any input size.
 
-Parsing and tokenization run as Ray Data tasks, fused with the read, on every CPU Ray has.
+Parsing and tokenization run as Ray Data tasks of a few thousand rows, on every CPU Ray has.
 The driver then consumes the stream in read order (provenance, de-duplication and KL pairing
 need the global order), writing as it goes and keeping only counters and two KL blocks.
 """
@@ -28,6 +28,7 @@ from pipeline.pairing import KLPairer
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
                  "prompt_hash", "row_hash", "reason")
+ROWS_PER_TASK = 2048
 LENGTH_BINS = 1 << 16  # token-length histograms are exact below this and clipped above
 
 
@@ -159,6 +160,13 @@ def tokenize_batch(batch: pa.Table, fmt: str, settings: DataSettings) -> pa.Tabl
             row_hash[j] = _hash64(texts[j][0], texts[j][1], str(examples[j][4]))
     ids = pa.list_(pa.int32())
     out = batch.take(pa.array([example[0] for example in examples], pa.int64()))
+    # Only quarantined rows need their original values downstream; the kept rows' are dropped
+    # here, halving what travels to the driver (unless the driver may still find duplicates).
+    is_bad = pa.array([bool(reason) for reason in reasons])
+    for index, name in enumerate(out.column_names):
+        if name != "path" and not settings.deduplicate:
+            column = out.column(name)
+            out = out.set_column(index, name, pc.if_else(is_bad, column, pa.nulls(n, column.type)))
     added = {"kto_side": pa.array([e[1] for e in examples], pa.int8()),
              "kto_label": pa.array([e[4] if not r else None for e, r in zip(examples, reasons)], pa.bool_()),
              "prompt_ids": pa.array(prompt_ids, ids), "completion_ids": pa.array(completion_ids, ids),
@@ -272,7 +280,9 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     fmt = check_inputs(files, kind, settings)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # provenance and pairing
     read = ray.data.read_parquet if kind == "parquet" else ray.data.read_json
-    dataset = read(files, include_paths=True).map_batches(
+    # A file is read by one task; cutting its rows into small blocks (streaming, no shuffle) lets
+    # every CPU tokenize, instead of one task a file.
+    dataset = read(files, include_paths=True).repartition(target_num_rows_per_block=ROWS_PER_TASK).map_batches(
         tokenize_batch, fn_args=(fmt, settings), batch_format="pyarrow", num_cpus=1)
     examples, rejected = PartWriter(os.path.join(out_dir, "examples")), PartWriter(os.path.join(out_dir, "rejected"))
     tally, rows_seen, seen = Tally(), Counter(), set()

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -155,14 +156,17 @@ def rank_micro_batches(schedule, rank: int, per_device: int, accumulation: int) 
     return plan
 
 
-def gather_micro_batch(columns: dict, rows: list[int]) -> MicroBatch:
+def gather_micro_batch(scored: pa.Table, rows: list[int]) -> MicroBatch:
+    """The micro-batch's rows, taken from the Arrow table (Python lists for these rows only:
+    a worker holds the scored set in Arrow's compact form, not as Python objects)."""
+    picked = scored.take(pa.array(rows, pa.int64()))
+    column = lambda name: picked.column(name).to_pylist()  # noqa: E731
     return MicroBatch(
-        prompt_ids=[columns["prompt_ids"][i] for i in rows],
-        completion_ids=[columns["completion_ids"][i] for i in rows],
-        kl_completion_ids=[columns["kl_completion_ids"][i] for i in rows],
-        labels=torch.tensor([columns["label"][i] for i in rows], dtype=torch.bool),
-        ref_logp=torch.tensor([columns["ref_logp"][i] for i in rows], dtype=torch.float32),
-        ref_kl_logp=torch.tensor([columns["ref_kl_logp"][i] for i in rows], dtype=torch.float32),
+        prompt_ids=column("prompt_ids"), completion_ids=column("completion_ids"),
+        kl_completion_ids=column("kl_completion_ids"),
+        labels=torch.tensor(column("label"), dtype=torch.bool),
+        ref_logp=torch.tensor(column("ref_logp"), dtype=torch.float32),
+        ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32),
     )
 
 
@@ -180,7 +184,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     scored = pq.read_table(config["scored_path"], columns=[
         "prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp"])
-    columns = {name: scored.column(name).to_pylist() for name in scored.column_names}
     schedule = pq.read_table(config["schedule_path"])
     plan = rank_micro_batches(schedule, rank, config["per_device_train_batch_size"],
                               config["gradient_accumulation_steps"])
@@ -214,7 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
         _keep_metrics_up_to(metrics_path, start_step)
     settings = StepSettings(**config["step_settings"])
     for step in range(start_step, total_steps):
-        micro_batches = [gather_micro_batch(columns, rows) for rows in plan[step] if rows]
+        micro_batches = [gather_micro_batch(scored, rows) for rows in plan[step] if rows]
         started = time.perf_counter()
         metrics = {"step": step + 1, **train_step(model, optimizer, scheduler, micro_batches, settings)}
         metrics["step_time_s"] = round(time.perf_counter() - started, 3)

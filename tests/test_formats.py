@@ -140,6 +140,7 @@ def test_duplicates_are_quarantined_when_asked(tmp_path, tiny_model, ray_local):
     report, _, rejected = run_stage(tmp_path, data, tiny_model, deduplicate=True)
     assert report["rejected_by_reason"] == {"duplicate": 2} and report["kept"] == 3
     assert rejected.column("source_row").to_pylist() == [1, 2]
+    assert rejected.column("prompt").to_pylist() == ["why?", "why?"]  # the original row, whole
     assert run_stage(tmp_path, data, tiny_model, name="kept-all")[0]["kept"] == 5
 
 
