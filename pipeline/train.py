@@ -11,6 +11,7 @@ empty must still take part without running a forward.
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -221,6 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         metrics = {"step": step + 1, **train_step(model, optimizer, scheduler, micro_batches, settings)}
         metrics["step_time_s"] = round(time.perf_counter() - started, 3)
+        metrics["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")

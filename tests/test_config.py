@@ -13,10 +13,15 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     assert config.training.learning_rate == 1.0 and isinstance(config.training.learning_rate, float)
     assert config.scaling.num_workers == 4 and config.global_batch_size == 4 * 8
     assert config.kto.max_length == 1024  # untouched default
+    # YAML 1.1 reads 1e-6 as a string; a float field takes it as the number it means.
+    assert load_config(None, ("training.learning_rate=1e-6",)).training.learning_rate == 1e-6
 
 
 @pytest.mark.parametrize("override, message", [
     ("data.kl_block_size=1", "data.kl_block_size = 1"),
+    ("data.format=csv", "data.format = 'csv'"),
+    ("data.label_map={up: yes please}", "data.label_map"),
+    ("data.max_rejected_fraction=1.5", "data.max_rejected_fraction = 1.5"),
     ("kto.loss_type=dpo", "kto.loss_type = 'dpo'"),
     ("kto.max_prompt_length=2000", "kto.max_prompt_length = 2000"),
     ("kto.beta=high", "kto.beta = 'high': expected float"),
