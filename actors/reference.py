@@ -34,6 +34,8 @@ class HFBackend:
 
     def __init__(self, model_path: str, pad_token_id: int, options: ScoringOptions):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)  # it plans anew for every batch shape (see train.py)
         self.model = load_causal_lm(model_path, options.trust_remote_code, getattr(torch, options.dtype))
         self.model = self.model.to(self.device).eval()
         self.pad_token_id = pad_token_id

@@ -9,9 +9,12 @@ Four contenders, alternated within each repeat, each in a fresh process:
 - ours with the vllm reference backend;
 - TRL default (the reference model held in memory, two extra forwards a step);
 - TRL with `precompute_ref_log_probs=True`.
+TRL 1.x defaults to bf16 autocast and gradient checkpointing; both are turned off here, for the
+float32 comparison the anchor numbers in ../shared/MEASURED.md were taken with.
 Rows: the first `--rows` rows of `../shared/data/hh-rlhf-harmless-base-test.kto.parquet` whose
 prompt + completion + EOS fit in `--max-length` tokens, so that neither side truncates and both
-train on the same token sequences. One epoch: every row is seen once.
+train on the same token sequences, in read order on both sides (`train_sampling_strategy:
+sequential`), so each step holds the same rows. One epoch: every row is seen once.
 
 Columns: end-to-end wall time of the process (model load, data, reference scoring, training,
 saving); training tokens/s (prompt + completion tokens of the rows trained on, padding excluded,
@@ -82,7 +85,8 @@ def run_trl(model_path: str, data: str, out: str, precompute: bool, a: argparse.
     args = KTOConfig(output_dir=out, per_device_train_batch_size=a.batch_size, max_length=a.max_length,
                      learning_rate=a.learning_rate, beta=a.beta, max_steps=a.steps, lr_scheduler_type="linear",
                      warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], seed=a.seed,
-                     precompute_ref_log_probs=precompute, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+                     precompute_ref_log_probs=precompute, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                     train_sampling_strategy="sequential", bf16=False, gradient_checkpointing=False)
     trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[StepTimer()])
     trainer.train()
@@ -104,6 +108,7 @@ def run_ours(model_path: str, data: str, out: str, backend: str, a: argparse.Nam
         "kto.max_length": a.max_length, "kto.max_prompt_length": a.max_length, "training.learning_rate": a.learning_rate,
         "training.per_device_train_batch_size": a.batch_size, "training.max_steps": a.steps,
         "training.lr_scheduler_type": "linear", "training.warmup_ratio": 0.0, "training.seed": a.seed,
+        "training.train_sampling_strategy": "sequential", "training.max_tokens_per_forward": a.max_tokens_per_forward,
         "scaling.num_workers": 1, "scaling.resources_per_worker": f"{{CPU: {a.threads}}}", "eval.path": "null",
         "output.output_dir": out, "output.run_name": "run",
     }
@@ -137,6 +142,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-tokens-per-forward", type=int, default=1024, help="ours: training.max_tokens_per_forward")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--one", nargs=4, metavar=("CONTENDER", "MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.one:
@@ -159,10 +166,11 @@ def main() -> None:
             tokens = select_rows(model_path, a.rows, a.max_length, data)
             print(f"{name}: {a.rows} rows, {tokens} tokens, {a.steps} steps of {a.batch_size}", flush=True)
             for repeat in range(a.repeats):
-                for contender in CONTENDERS:
+                for contender in a.contenders.split(","):
                     out = os.path.join(scratch, f"{name}-{contender}-{repeat}")
                     flags = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
-                             ("steps", "batch_size", "max_length", "learning_rate", "beta", "seed", "threads")]
+                             ("steps", "batch_size", "max_length", "learning_rate", "beta", "seed", "threads",
+                              "max_tokens_per_forward")]
                     child = subprocess.run([sys.executable, __file__, *flags, "--one", contender, model_path, data, out],
                                            capture_output=True, text=True)
                     if child.returncode:

@@ -81,7 +81,11 @@ class TrainingConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # A worker's rows of a step are regrouped by length into forwards of at most this many padded
+    # tokens (exact: only padding and peak memory change); 0: one forward a scheduled micro-batch.
+    max_tokens_per_forward: int = 1024
     seed: int = 42
+    train_sampling_strategy: str = "random"  # random: a seeded permutation each epoch | sequential: read order
     save_steps: int = 0  # checkpoint every N optimizer steps; 0: only at the end
     logging_steps: int = 1
 
@@ -232,6 +236,10 @@ def validate(c: Config) -> None:
     _check(t.lr_scheduler_type in ("cosine", "linear", "constant"), "training.lr_scheduler_type",
            t.lr_scheduler_type, "cosine | linear | constant")
     _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "in [0, 1)")
+    _check(t.train_sampling_strategy in ("random", "sequential"), "training.train_sampling_strategy",
+           t.train_sampling_strategy, "random | sequential")
+    _check(t.max_tokens_per_forward >= 0, "training.max_tokens_per_forward", t.max_tokens_per_forward,
+           ">= 0 (0: one forward a scheduled micro-batch)")
     _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
     _check(c.scaling.num_workers >= 1, "scaling.num_workers", c.scaling.num_workers, ">= 1")
     _check(bool(c.output.run_name) and "/" not in c.output.run_name, "output.run_name", c.output.run_name,

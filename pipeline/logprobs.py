@@ -36,17 +36,30 @@ def collate(
     }
 
 
+# Architectures whose causal-LM head is exactly `lm_head(last hidden state)` (no logit scaling or
+# soft-capping), so it can run on the completion positions alone.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over completion tokens of log p(token | everything before it), float32, shape [n]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Logits at position t predict the token at t + 1.
-    targets = batch["input_ids"][:, 1:]
+    """Sum over completion tokens of log p(token | everything before it), float32, shape [n].
+
+    Where the architecture allows, the output head runs on completion positions only: on
+    feedback data most positions are prompt or padding, and the head (vocabulary x hidden) is a
+    large share of a small model's FLOPs and of its activation memory.
+    """
+    # Position t predicts the token at t + 1.
     scored = batch["completion_mask"][:, 1:]
     rows, positions = scored.nonzero(as_tuple=True)
-    token_logits = logits[:, :-1][rows, positions].float()
-    token_logps = torch.log_softmax(token_logits, dim=-1)
-    token_logps = token_logps.gather(-1, targets[rows, positions].unsqueeze(-1)).squeeze(-1)
-    sums = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    targets = batch["input_ids"][:, 1:][rows, positions]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+        token_logits = model.get_output_embeddings()(hidden[:, :-1][rows, positions]).float()
+    else:
+        token_logits = model(**inputs).logits[:, :-1][rows, positions].float()
+    token_logps = torch.log_softmax(token_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float32, device=token_logps.device)
     return sums.index_add(0, rows, token_logps)
 
 

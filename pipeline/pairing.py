@@ -118,19 +118,20 @@ class KLPairer:
 
 
 def build_schedule(num_rows: int, global_batch_size: int, num_train_epochs: float, max_steps: int,
-                   seed: int) -> pa.Table:
+                   seed: int, shuffle: bool = True) -> pa.Table:
     """(step, slot, row_index): which row fills each place of each global batch.
 
     Fixed before training and independent of the worker count: a worker takes the slots of
     its rank, so N workers see exactly the rows one worker would, and a resumed run picks
-    up at the same row. Each epoch is a fresh seeded permutation; a last partial batch stays.
+    up at the same row. Each epoch is a fresh seeded permutation (or the read order, without
+    `shuffle`); a last partial batch stays.
     """
     steps_per_epoch = -(-num_rows // global_batch_size)
     total_steps = max_steps if max_steps > 0 else max(1, int(round(num_train_epochs * steps_per_epoch)))
     steps, slots, rows = [], [], []
     step, epoch = 0, 0
     while step < total_steps:
-        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+        order = np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle else np.arange(num_rows)
         for start in range(0, num_rows, global_batch_size):
             if step == total_steps:
                 break

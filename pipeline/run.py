@@ -202,7 +202,8 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
         "save_steps": t.save_steps,
         "step_settings": {"beta": config.kto.beta, "desirable_weight": desirable_weight,
                           "undesirable_weight": config.kto.undesirable_weight, "loss_type": config.kto.loss_type,
-                          "max_grad_norm": t.max_grad_norm, "pad_token_id": prepared.tokenizer.pad_token_id},
+                          "max_grad_norm": t.max_grad_norm, "pad_token_id": prepared.tokenizer.pad_token_id,
+                          "max_tokens_per_forward": t.max_tokens_per_forward},
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -232,7 +233,8 @@ def train(config: Config) -> dict:
     desirable_weight = resolve_desirable_weight(config, n_desirable, n_undesirable)
     schedule_path = os.path.join(run_dir, "schedule.parquet")
     t = config.training
-    schedule = build_schedule(counts["kept"], config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed)
+    schedule = build_schedule(counts["kept"], config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed,
+                              shuffle=t.train_sampling_strategy == "random")
     pq.write_table(schedule, schedule_path)
 
     eval_scored = pq.read_table(prepared.eval_scored_path) if prepared.eval_scored_path else None  # small

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers import get_scheduler
 
-from pipeline.logprobs import collate, sequence_logps
+from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
 from pipeline.loss import kto_loss
 
 
@@ -36,6 +36,7 @@ class StepSettings:
     loss_type: str
     max_grad_norm: float
     pad_token_id: int
+    max_tokens_per_forward: int = 0  # 0: one forward a scheduled micro-batch
 
 
 @dataclass
@@ -54,18 +55,42 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int) -> list[list[int]]:
+    """Which of this rank's rows (indices into the micro-batches laid end to end) share a forward.
+
+    0: the scheduled micro-batches. Otherwise rows of similar length, under `max_tokens` padded
+    tokens a forward: padding is most of the waste on real feedback, and the sums the step
+    takes do not depend on how rows are grouped.
+    """
+    if max_tokens <= 0:
+        starts = np.cumsum([0] + [len(mb.prompt_ids) for mb in micro_batches])
+        return [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    lengths = [len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, getattr(mb, completions))]
+    return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths))
+
+
 def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
     """One optimizer step over a global batch; returns its globally aggregated metrics."""
     device = next(model.parameters()).device
+    rows = MicroBatch(  # this rank's rows of the step, laid end to end
+        prompt_ids=[p for mb in micro_batches for p in mb.prompt_ids],
+        completion_ids=[c for mb in micro_batches for c in mb.completion_ids],
+        kl_completion_ids=[c for mb in micro_batches for c in mb.kl_completion_ids],
+        labels=torch.cat([mb.labels for mb in micro_batches]),
+        ref_logp=torch.cat([mb.ref_logp for mb in micro_batches]),
+        ref_kl_logp=torch.cat([mb.ref_kl_logp for mb in micro_batches]),
+    )
     # z0 first: a no-grad forward on every KL pair of the step, one all-reduce of
-    # [sum of KL log-ratios, count], then clamp and detach. Every micro-batch of the step
-    # then sees the same reference point, whatever the worker count or accumulation.
+    # [sum of KL log-ratios, count], then clamp and detach. Every forward of the step
+    # then sees the same reference point, whatever the worker count or grouping.
     kl_totals = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for mb in micro_batches:
-            kl_logps = sequence_logps(model, collate(mb.prompt_ids, mb.kl_completion_ids, s.pad_token_id, device))
-            kl_totals[0] += (kl_logps - mb.ref_kl_logp.to(device)).double().sum()
-            kl_totals[1] += len(mb.prompt_ids)
+        for group in forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward):
+            batch = collate([rows.prompt_ids[i] for i in group], [rows.kl_completion_ids[i] for i in group],
+                            s.pad_token_id, device)
+            kl_logps = sequence_logps(model, batch)
+            kl_totals[0] += (kl_logps - rows.ref_kl_logp[group].to(device)).double().sum()
+            kl_totals[1] += len(group)
     _all_reduce_sum(kl_totals)
     global_rows = kl_totals[1].clamp(min=1)
     kl_unclamped = kl_totals[0] / global_rows
@@ -73,10 +98,11 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: 
 
     # loss, rewards and log-probs by side, tokens
     stats = torch.zeros(8, dtype=torch.float64, device=device)
-    for mb in micro_batches:
-        batch = collate(mb.prompt_ids, mb.completion_ids, s.pad_token_id, device)
+    for group in forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward):
+        batch = collate([rows.prompt_ids[i] for i in group], [rows.completion_ids[i] for i in group],
+                        s.pad_token_id, device)
         logps = sequence_logps(model, batch)
-        labels, ref_logp = mb.labels.to(device), mb.ref_logp.to(device)
+        labels, ref_logp = rows.labels[group].to(device), rows.ref_logp[group].to(device)
         losses = kto_loss(logps, ref_logp, labels, z0, beta=s.beta, desirable_weight=s.desirable_weight,
                           undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
         (losses.sum() / global_rows.float()).backward()
@@ -182,6 +208,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(config["seed"])
     device = torch.device("cuda", context.get_local_rank()) if config["use_gpu"] else torch.device("cpu")
+    if config["use_gpu"]:
+        # cuDNN's attention builds a new plan for every new batch shape, and feedback batches have
+        # a new shape every step: measured 3.7x slower steps on an H200 (benchmarks/NOTES.md).
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     scored = pq.read_table(config["scored_path"], columns=[
         "prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp"])

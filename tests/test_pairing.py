@@ -46,6 +46,8 @@ def test_schedule_covers_each_epoch_once_and_does_not_depend_on_workers():
     again = build_schedule(num_rows=10, global_batch_size=4, num_train_epochs=2, max_steps=-1, seed=3)
     assert again.equals(schedule)
     assert build_schedule(10, 4, 1, max_steps=7, seed=3).column("step").to_numpy().max() == 6
+    in_order = build_schedule(10, 4, num_train_epochs=1, max_steps=-1, seed=3, shuffle=False)
+    assert in_order.column("row_index").to_pylist() == list(range(10))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -41,13 +41,16 @@ def test_accumulation_matches_one_batch_and_z0_is_the_clamped_global_mean(tiny_m
                             max_grad_norm=1.0, pad_token_id=tokenizer.pad_token_id)
 
     results = []
-    for groups in ([[0, 1, 2, 3, 4, 5]], [[0, 1, 2], [3, 4, 5]], [[0], [1, 2, 3, 4], [5]]):
+    # Scheduled micro-batches as they come, then regrouped by length under a token budget.
+    for groups, max_tokens in (([[0, 1, 2, 3, 4, 5]], 0), ([[0, 1, 2], [3, 4, 5]], 0), ([[0], [1, 2, 3, 4], [5]], 0),
+                               ([[0, 1, 2, 3, 4, 5]], 24), ([[0, 1, 2], [3, 4, 5]], 12)):
         model = copy.deepcopy(base).train()
         # Adam turns float-order noise in near-zero gradients into steps of up to lr, so a
         # modest lr keeps that noise under the tolerance while every weight still moves.
         optimizer, scheduler = make_optimizer(model, 1e-4, 0.0, "constant", 0.0, 10)
         batches = [_micro_batch(prompts, completions, labels, ref, ref_kl, g) for g in groups]
-        results.append((train_step(model, optimizer, scheduler, batches, settings), model.state_dict()))
+        step_settings = StepSettings(**{**settings.__dict__, "max_tokens_per_forward": max_tokens})
+        results.append((train_step(model, optimizer, scheduler, batches, step_settings), model.state_dict()))
 
     first_metrics, first_weights = results[0]
     assert abs(first_metrics["kl_unclamped"] - torch.linspace(0.1, 0.6, 6).mean().item()) < 1e-5
@@ -77,3 +80,19 @@ def test_negative_kl_estimate_is_clamped_to_zero(tiny_model):
     metrics = train_step(model, optimizer, scheduler, [batch], settings)
     assert abs(metrics["kl_unclamped"] + 2.0) < 1e-5
     assert metrics["kl"] == 0.0
+
+
+def test_sequence_logps_sums_the_completion_tokens_log_probs(tiny_model):
+    """Against log-softmax over the full logits, computed here row by row without padding."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model).eval()
+    prompts, completions = _rows(tokenizer, n=5, seed=2)
+    with torch.no_grad():
+        got = sequence_logps(model, collate(prompts, completions, tokenizer.pad_token_id))
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            ids = torch.tensor([prompt + completion])
+            logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            expected = sum(logps[len(prompt) + j - 1, token] for j, token in enumerate(completion))
+            assert abs(got[i].item() - expected.item()) < 1e-4

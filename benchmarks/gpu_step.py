@@ -1,0 +1,233 @@
+"""The KTO training step on one GPU, without Ray, side by side with TRL's KTOTrainer step on the
+same rows: bf16 autocast over float32 master weights on both sides (TRL's `bf16=True`), models
+random-initialised from a config (SmolLM2-135M's, and a 0.45B Llama-shaped one).
+
+    python benchmarks/gpu_step.py --tokenizer DIR --data PARQUET [--models smollm2,0.5b] [--steps 10]
+
+`DIR` holds a tokenizer and, for `smollm2`, the model's config.json (no weights needed).
+Each contender runs in its own process (clean peak-memory counters): ours (`train_step` with
+precomputed reference log-probs), TRL default (reference model in memory), TRL with
+`precompute_ref_log_probs=True`. Tokens/s: prompt + completion tokens of the rows trained on,
+padding excluded, over the summed step times after one warm-up step. MFU: 6 x parameters x
+tokens / time over the bf16 matrix-multiply rate measured here, first.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test of this script only
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def model_config(name: str, folder: str):
+    from transformers import AutoConfig, LlamaConfig
+
+    if name == "smollm2":
+        return AutoConfig.from_pretrained(folder)
+    return LlamaConfig(vocab_size=49152, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True,
+                       max_position_embeddings=2048)
+
+
+def random_weights(a) -> str:
+    """A folder with the model's config and seeded random weights: both sides load it the same way."""
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    folder = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(model_config(a.model, a.tokenizer)).save_pretrained(folder)
+    return folder
+
+
+def rows(tokenizer, data: str, count: int, max_length: int) -> tuple[list, list, list]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data, columns=["prompt", "completion", "label"])
+    prompts, completions, labels = [], [], []
+    for p, c, label in zip(*(table.column(n).to_pylist() for n in ("prompt", "completion", "label"))):
+        p_ids = tokenizer(p)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(p_ids) + len(c_ids) <= max_length:
+            prompts.append(p_ids)
+            completions.append(c_ids)
+            labels.append(label)
+        if len(prompts) == count:
+            break
+    return prompts, completions, labels
+
+
+def run_ours(a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.logprobs import collate, score_sequences
+    from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step
+
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(random_weights(a)).to(device())  # as both sides load
+    disable_dropout(model)
+    n = a.batch_size * (a.steps + 1)
+    prompts, completions, labels = rows(tokenizer, a.data, n, a.max_length)
+    kl = completions[1:] + completions[:1]
+    with torch.autocast(device(), dtype=torch.bfloat16):
+        ref = score_sequences(model.eval(), prompts, completions, tokenizer.pad_token_id, device())
+        ref_kl = score_sequences(model, prompts, kl, tokenizer.pad_token_id, device())
+    model.train()
+    optimizer, scheduler = make_optimizer(model, 1e-6, 0.0, "linear", 0.0, a.steps + 1)
+    settings = StepSettings(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
+                            max_grad_norm=1.0, pad_token_id=tokenizer.pad_token_id,
+                            max_tokens_per_forward=a.max_tokens_per_forward)
+    times, tokens = [], 0
+    for step in range(a.steps + 1):
+        s = slice(step * a.batch_size, (step + 1) * a.batch_size)
+        batch = MicroBatch(prompts[s], completions[s], kl[s], torch.tensor(labels[s]), ref[s], ref_kl[s])
+        synchronize()
+        started = time.perf_counter()
+        with torch.autocast(device(), dtype=torch.bfloat16):
+            metrics = train_step(model, optimizer, scheduler, [batch], settings)
+        synchronize()
+        if step:  # the first step warms up kernels and allocator
+            times.append(time.perf_counter() - started)
+            tokens += metrics["num_tokens"]
+    # The model's forward alone on the last batch, to tell GPU time from the step's other work.
+    batch = collate(prompts[s], completions[s], tokenizer.pad_token_id, device())
+    with torch.no_grad(), torch.autocast(device(), dtype=torch.bfloat16):
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+        synchronize()
+        started = time.perf_counter()
+        for _ in range(5):
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+        synchronize()
+    forward_s = (time.perf_counter() - started) / 5
+    return {"tokens": tokens, "seconds": sum(times), "params": sum(p.numel() for p in model.parameters()),
+            "peak_gib": peak_gib(), "forward_tokens_per_s": int(batch["attention_mask"].sum()) / forward_s}
+
+
+def run_trl(a, precompute: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import KTOConfig, KTOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(random_weights(a))  # TRL builds its reference from this folder
+    n = a.batch_size * (a.steps + 1)
+    prompts, completions, labels = rows(tokenizer, a.data, n, a.max_length)
+    dataset = Dataset.from_dict({"prompt": [tokenizer.decode(p) for p in prompts],
+                                 "completion": [tokenizer.decode(c[:-1]) for c in completions], "label": labels})
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            synchronize()
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
+            times.append(time.perf_counter() - self.began)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = KTOConfig(output_dir=out, per_device_train_batch_size=a.batch_size, max_length=a.max_length,
+                         learning_rate=1e-6, beta=0.1, max_steps=a.steps + 1, lr_scheduler_type="linear",
+                         logging_steps=1, save_strategy="no", report_to=[], seed=0, bf16=True,
+                         precompute_ref_log_probs=precompute, dataloader_num_workers=0, disable_tqdm=True,
+                         train_sampling_strategy="sequential", use_cpu=device() == "cpu")
+        trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[StepTimer()])
+        trainer.train()
+    lengths = [len(p) + len(c) for p, c in zip(trainer.train_dataset["prompt_ids"], trainer.train_dataset["completion_ids"])]
+    tokens = sum(lengths[a.batch_size:a.batch_size * (a.steps + 1)])
+    return {"tokens": tokens, "seconds": sum(times[1:]), "params": sum(p.numel() for p in model.parameters()),
+            "peak_gib": peak_gib()}
+
+
+def matmul_peak() -> float:
+    import torch
+
+    size = 8192 if device() == "cuda" else 1024
+    x = torch.randn(size, size, device=device(), dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        x @ x
+    synchronize()
+    return 10 * 2 * size**3 / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--models", default="smollm2,0.5b")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-tokens-per-forward", type=int, default=0, help="ours: 0 = the batch in one forward")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="turn off the cuDNN attention backend, which plans anew for every new batch shape")
+    parser.add_argument("--contenders", default="ours,trl-default,trl-precompute")
+    parser.add_argument("--one", nargs=2, metavar=("CONTENDER", "MODEL"), help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.one:
+        a.model = a.one[1]
+        if a.no_cudnn_attention:  # both sides alike: an environment setting, not a lever of ours
+            import torch
+
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        result = run_ours(a) if a.one[0] == "ours" else run_trl(a, a.one[0] == "trl-precompute")
+        print(json.dumps(result))
+        return
+    import torch
+
+    peak = matmul_peak()
+    name = torch.cuda.get_device_name() if device() == "cuda" else "cpu"
+    print(f"{name}: bf16 matmul {peak / 1e12:.0f} TFLOP/s; batch {a.batch_size}, "
+          f"max_length {a.max_length}, {a.steps} timed steps")
+    print(f"{'model':8} {'contender':15} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}")
+    for name in a.models.split(","):
+        results = {}
+        for contender in a.contenders.split(","):
+            flags = ["--tokenizer", a.tokenizer, "--data", a.data, "--steps", str(a.steps),
+                     "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
+                     "--max-tokens-per-forward", str(a.max_tokens_per_forward)] + (
+                        ["--no-cudnn-attention"] if a.no_cudnn_attention else [])
+            child = subprocess.run([sys.executable, __file__, *flags, "--one", contender, name],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                print(f"{name} {contender} failed: {child.stderr[-2500:]}")
+                continue
+            r = results[contender] = json.loads(child.stdout.strip().splitlines()[-1])
+            rate = r["tokens"] / r["seconds"]
+            forward = f"  (forward alone: {r['forward_tokens_per_s']:.0f} tokens/s)" if "forward_tokens_per_s" in r else ""
+            print(f"{name:8} {contender:15} {rate:>10.0f} {6 * r['params'] * rate / peak:>7.1%} {r['peak_gib']:>9.2f}"
+                  + forward, flush=True)
+
+
+if __name__ == "__main__":
+    main()
