@@ -143,6 +143,10 @@ def check_drift(config: Config, prepared: Prepared) -> dict:
         return {"skipped": "reference.drift_check_rows is 0"}
     if prepared.reference_path != prepared.model_path:
         return {"skipped": f"reference.model ({r.model}) is not the policy: r != 0 at step 0 is expected"}
+    if r.backend == "hf" and r.dtype == "float32" and (r.num_gpus_per_replica > 0) == config.scaling.use_gpu:
+        # The reference was scored by the trainer's own function, dtype and kind of device: r = 0
+        # at step 0 by construction, and the check would cost a forward of its rows on the driver.
+        return {"skipped": "hf reference in float32 on the trainers' kind of device: the trainer's own computation"}
     sample = sample_rows(prepared.scored_path, r.drift_check_rows, config.training.seed)
     arguments = (prepared.model_path, sample, prepared.tokenizer.pad_token_id, config.model.trust_remote_code)
     if config.scaling.use_gpu:  # on a GPU, as the trainers compute; the driver may have none

@@ -55,6 +55,22 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _all_reduce_gradients(grads: list[torch.Tensor], bucket_bytes: int = 32 * 2**20) -> None:
+    """SUM the gradients across workers in place, a bucket of flattened tensors at a time: few
+    collectives, and at most one bucket of extra memory (not a second copy of every gradient)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads + [None]:
+        if grad is not None:
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+        if bucket and (grad is None or size >= bucket_bytes):
+            flat = _all_reduce_sum(_flatten_dense_tensors(bucket))
+            for target, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                target.copy_(reduced)
+            bucket, size = [], 0
+
+
 def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int) -> list[list[int]]:
     """Which of this rank's rows (indices into the micro-batches laid end to end) share a forward.
 
@@ -76,9 +92,10 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: 
         prompt_ids=[p for mb in micro_batches for p in mb.prompt_ids],
         completion_ids=[c for mb in micro_batches for c in mb.completion_ids],
         kl_completion_ids=[c for mb in micro_batches for c in mb.kl_completion_ids],
-        labels=torch.cat([mb.labels for mb in micro_batches]),
-        ref_logp=torch.cat([mb.ref_logp for mb in micro_batches]),
-        ref_kl_logp=torch.cat([mb.ref_kl_logp for mb in micro_batches]),
+        # (a rank may hold no rows of a step: a last partial batch smaller than the worker count)
+        labels=torch.cat([mb.labels for mb in micro_batches] + [torch.zeros(0, dtype=torch.bool)]),
+        ref_logp=torch.cat([mb.ref_logp for mb in micro_batches] + [torch.zeros(0)]),
+        ref_kl_logp=torch.cat([mb.ref_kl_logp for mb in micro_batches] + [torch.zeros(0)]),
     )
     # z0 first: a no-grad forward on every KL pair of the step, one all-reduce of
     # [sum of KL log-ratios, count], then clamp and detach. Every forward of the step
@@ -118,12 +135,11 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: 
     _all_reduce_sum(stats)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if dist.is_available() and dist.is_initialized():
-        flat = _all_reduce_sum(_flatten_dense_tensors(grads))
-        grads = list(_unflatten_dense_tensors(flat, grads))
-    for p, g in zip(params, grads):
-        p.grad = g
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _all_reduce_gradients([p.grad for p in params])
     max_norm = s.max_grad_norm if s.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     learning_rate = scheduler.get_last_lr()[0]

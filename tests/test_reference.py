@@ -53,7 +53,10 @@ def test_train_with_vllm_reference_matches_hf_and_records_drift(tmp_path, tiny_m
         summary = train(config)
         drift = summary["reference"]["step0_drift"]
         assert summary["reference"]["backend"] == backend
-        assert drift["sequences"] == 32 and drift["max_abs_per_sequence"] <= AGREEMENT_NATS
+        if backend == "hf":  # the trainer's own computation: nothing to check
+            assert "trainer's own computation" in drift["skipped"]
+        else:
+            assert drift["sequences"] == 32 and drift["max_abs_per_sequence"] <= AGREEMENT_NATS
         with open(os.path.join(config.run_dir, "metrics.jsonl")) as f:
             losses[backend] = [json.loads(line)["loss"] for line in f]
     assert len(losses["vllm"]) == 3
