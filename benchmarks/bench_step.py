@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from pipeline.demo_data import feedback_rows, qa_pairs  # noqa: E402
 from pipeline.logprobs import collate, sequence_logps  # noqa: E402
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from pipeline.engines import PlainEngine
 from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step  # noqa: E402
 
 
@@ -54,19 +55,19 @@ def main() -> None:
     disable_dropout(base)
     batch = micro_batch(tokenizer, args.rows)
     tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
-    settings = StepSettings(0.1, 1.0, 1.0, "kto", 1.0, tokenizer.pad_token_id)
+    settings = StepSettings(0.1, 1.0, 1.0, "kto", tokenizer.pad_token_id)
     print(f"model {path}, {args.rows} rows, {tokens} tokens a step, {torch.get_num_threads()} threads")
     results = {}
     for name, reference in (("precomputed reference (ours)", None), ("reference in memory (baseline)", base)):
         model = copy.deepcopy(base).train()
-        optimizer, scheduler = make_optimizer(model, 1e-6, 0.0, "constant", 0.0, args.steps + 1)
+        engine = PlainEngine(model, *make_optimizer(model, 1e-6, 0.0, "constant", 0.0, args.steps + 1), 1.0)
         scored = reference_scores(base, batch, tokenizer.pad_token_id)
-        train_step(model, optimizer, scheduler, [scored], settings)  # warm-up
+        train_step(engine, [scored], settings)  # warm-up
         started = time.perf_counter()
         for _ in range(args.steps):
             # The baseline scores the reference inside every step; ours did it once, before training.
             step_batch = reference_scores(reference, batch, tokenizer.pad_token_id) if reference else scored
-            train_step(model, optimizer, scheduler, [step_batch], settings)
+            train_step(engine, [step_batch], settings)
         results[name] = (time.perf_counter() - started) / args.steps
     print(f"{'':32} {'s / step':>10} {'tokens / s':>12}")
     for name, seconds in results.items():

@@ -86,6 +86,7 @@ def run_ours(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.logprobs import collate, score_sequences
+    from pipeline.engines import PlainEngine
     from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step
 
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
@@ -98,9 +99,9 @@ def run_ours(a) -> dict:
         ref = score_sequences(model.eval(), prompts, completions, tokenizer.pad_token_id, device())
         ref_kl = score_sequences(model, prompts, kl, tokenizer.pad_token_id, device())
     model.train()
-    optimizer, scheduler = make_optimizer(model, 1e-6, 0.0, "linear", 0.0, a.steps + 1)
+    engine = PlainEngine(model, *make_optimizer(model, 1e-6, 0.0, "linear", 0.0, a.steps + 1), max_grad_norm=1.0)
     settings = StepSettings(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
-                            max_grad_norm=1.0, pad_token_id=tokenizer.pad_token_id,
+                            pad_token_id=tokenizer.pad_token_id,
                             max_tokens_per_forward=a.max_tokens_per_forward)
     times, tokens = [], 0
     for step in range(a.steps + 1):
@@ -109,7 +110,7 @@ def run_ours(a) -> dict:
         synchronize()
         started = time.perf_counter()
         with torch.autocast(device(), dtype=torch.bfloat16):
-            metrics = train_step(model, optimizer, scheduler, [batch], settings)
+            metrics = train_step(engine, [batch], settings)
         synchronize()
         if step:  # the first step warms up kernels and allocator
             times.append(time.perf_counter() - started)

@@ -15,6 +15,9 @@ from pipeline.formats import FORMATS
 from pipeline.loss import LOSS_TYPES
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the key, the value and what is allowed."""
 
@@ -87,6 +90,8 @@ class TrainingConfig:
     seed: int = 42
     train_sampling_strategy: str = "random"  # random: a seeded permutation each epoch | sequential: read order
     save_steps: int = 0  # checkpoint every N optimizer steps; 0: only at the end
+    save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
     logging_steps: int = 1
 
 
@@ -95,8 +100,19 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
+    strategy: str = "ddp"  # ddp: each worker holds everything | deepspeed: ZeRO partitions it (see deepspeed:)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker a node)
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails; -1: no limit
     address: Optional[str] = None  # None: an embedded local Ray; "auto" or ray://host:10001: a cluster
     embedded_num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray; None: workers + 2
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when scaling.strategy is deepspeed: bf16 on GPUs, float32 on CPUs."""
+    zero_stage: int = 3  # 1: optimizer states partitioned | 2: + gradients | 3: + parameters
+    offload_optimizer: bool = False  # optimizer states (and the update) in CPU memory
+    offload_param: bool = False  # ZeRO-3 only: parameters in CPU memory between uses
 
 
 @dataclass
@@ -111,7 +127,10 @@ class EvalConfig:
 class OutputConfig:
     output_dir: str = "runs"
     run_name: str = "kto"
-    storage_path: Optional[str] = None  # Ray Train checkpoints; None: the run directory
+    # Ray Train checkpoints, reachable from every node: a local path (one machine), NFS, s3://, gs://;
+    # None: <run directory>/ray_train. Checkpoints of this run go to <storage_path>/<run_name>.
+    storage_path: Optional[str] = None
+    resume: bool = True  # a run directory with checkpoints continues from the latest; false: start over
 
 
 @dataclass
@@ -122,6 +141,7 @@ class Config:
     kto: KTOConfig = field(default_factory=KTOConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -241,6 +261,16 @@ def validate(c: Config) -> None:
     _check(t.max_tokens_per_forward >= 0, "training.max_tokens_per_forward", t.max_tokens_per_forward,
            ">= 0 (0: one forward a scheduled micro-batch)")
     _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
-    _check(c.scaling.num_workers >= 1, "scaling.num_workers", c.scaling.num_workers, ">= 1")
+    _check(t.save_total_limit >= 0, "training.save_total_limit", t.save_total_limit, ">= 0 (0: keep all)")
+    sc = c.scaling
+    _check(sc.num_workers >= 1, "scaling.num_workers", sc.num_workers, ">= 1")
+    _check(sc.strategy in ("ddp", "deepspeed"), "scaling.strategy", sc.strategy, "ddp | deepspeed")
+    _check(sc.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy", sc.placement_strategy,
+           " | ".join(PLACEMENT_STRATEGIES))
+    _check(sc.max_failures >= -1, "scaling.max_failures", sc.max_failures, ">= 0, or -1 for no limit")
+    ds = c.deepspeed
+    _check(ds.zero_stage in (1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "1 | 2 | 3")
+    _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
+           "true only with deepspeed.zero_stage 3 (stages 1 and 2 keep whole parameters on every worker)")
     _check(bool(c.output.run_name) and "/" not in c.output.run_name, "output.run_name", c.output.run_name,
            "a non-empty name without '/'")

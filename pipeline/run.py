@@ -1,6 +1,7 @@
 """The driver of `launch.py train`: Ray start-up, the data and reference stages, the Ray
 Train run, held-out checks, and the files of the run directory. One function a stage."""
 
+import dataclasses
 import glob
 import json
 import logging
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import yaml
@@ -26,7 +28,15 @@ from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path
 from pipeline.scoring import fingerprint, score_examples
 
 log = logging.getLogger("kto")
-RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def runtime_env(config: Config) -> dict:
+    """Environment of every Ray process of the run: offline, and DeepSpeed told it runs on CPUs
+    where it does (else it probes for an accelerator and warns)."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not config.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return {"env_vars": env}
 
 
 def start_ray(config: Config) -> None:
@@ -35,13 +45,13 @@ def start_ray(config: Config) -> None:
     cpus_per_worker = float(s.resources_per_worker.get("CPU", 1))
     if not ray.is_initialized():
         if s.address:
-            ray.init(address=s.address, runtime_env=RUNTIME_ENV)
+            ray.init(address=s.address, runtime_env=runtime_env(config))
         else:
             # Ray Data needs CPUs of its own beside the training workers, or it waits forever.
             r = config.reference
             busiest = max(s.num_workers * cpus_per_worker, r.num_replicas * r.num_cpus_per_replica)
             num_cpus = s.embedded_num_cpus or int(math.ceil(busiest)) + 2
-            ray.init(num_cpus=num_cpus, runtime_env=RUNTIME_ENV)
+            ray.init(num_cpus=num_cpus, runtime_env=runtime_env(config))
     available = ray.cluster_resources()
     wanted_cpus = s.num_workers * cpus_per_worker + 1
     if available.get("CPU", 0) < wanted_cpus:
@@ -188,38 +198,90 @@ def held_out_check(config: Config, model, tokenizer, scored: pa.Table) -> dict:
     return result
 
 
+def checkpoint_storage(config: Config) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, folder of this run's checkpoints, Ray's storage_path): local by default, or
+    `output.storage_path` (a path every node reaches, or s3:// / gs://) / run_name."""
+    if not config.output.storage_path:
+        return pafs.LocalFileSystem(), os.path.join(config.run_dir, "ray_train"), config.run_dir
+    storage = config.output.storage_path
+    filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
+    return filesystem, f"{root.rstrip('/')}/{config.output.run_name}", storage
+
+
+def check_resumable(config: Config) -> bool:
+    """True when the run continues from its checkpoints: same run name, storage and training config.
+    A changed config would silently mix two runs, so it stops with the first difference."""
+    filesystem, folder, _ = checkpoint_storage(config)
+    if filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return False
+    if not config.output.resume:
+        log.info("output.resume is false: deleting the checkpoints of the previous run in %s", folder)
+        filesystem.delete_dir(folder)
+        return False
+    saved_path = os.path.join(config.run_dir, "config.yaml")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+        # What may change between attempts: where the driver connects, how often a run may fail.
+        free = {("scaling", "address"), ("scaling", "max_failures"), ("output", "resume")}
+        for section, values in config.to_dict().items():
+            for key, value in values.items():
+                if (section, key) not in free and saved.get(section, {}).get(key) != value:
+                    raise ConfigError(
+                        f"run '{config.output.run_name}' has checkpoints in {folder} from a run with "
+                        f"{section}.{key} = {saved.get(section, {}).get(key)!r}, now {value!r}: resuming would mix two "
+                        "runs. Use a new output.run_name, or --set output.resume=false to start this one over.")
+    log.info("resuming run '%s' from its latest checkpoint in %s", config.output.run_name, folder)
+    return True
+
+
 def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_path: str) -> float:
-    """The Ray Train run over the scheduled steps; returns its wall time in seconds."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    """The Ray Train run over the scheduled steps (resumed where checkpoints exist); copies the last
+    checkpoint's model and metrics into the run directory; returns the wall time in seconds."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import train_loop_per_worker
 
     s, t = config.scaling, config.training
     loop_config = {
-        "run_dir": config.run_dir, "model_path": prepared.model_path, "tokenizer_path": prepared.model_path,
+        "run_dir": config.run_dir, "model_path": prepared.model_path,
         "scored_path": prepared.scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
-        "trust_remote_code": config.model.trust_remote_code,
+        "trust_remote_code": config.model.trust_remote_code, "strategy": s.strategy,
+        "deepspeed": dataclasses.asdict(config.deepspeed), "gradient_checkpointing": t.gradient_checkpointing,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay, "lr_scheduler_type": t.lr_scheduler_type, "warmup_ratio": t.warmup_ratio,
-        "save_steps": t.save_steps,
+        "max_grad_norm": t.max_grad_norm, "save_steps": t.save_steps,
         "step_settings": {"beta": config.kto.beta, "desirable_weight": desirable_weight,
                           "undesirable_weight": config.kto.undesirable_weight, "loss_type": config.kto.loss_type,
-                          "max_grad_norm": t.max_grad_norm, "pad_token_id": prepared.tokenizer.pad_token_id,
+                          "pad_token_id": prepared.tokenizer.pad_token_id,
                           "max_tokens_per_forward": t.max_tokens_per_forward},
     }
+    _, folder, storage_path = checkpoint_storage(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=s.resources_per_worker),
-        run_config=RunConfig(name="ray_train", storage_path=config.output.storage_path or config.run_dir,
-                             failure_config=FailureConfig(max_failures=0)),
+                                     resources_per_worker=s.resources_per_worker,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(name=os.path.basename(folder), storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit or None)),
     )
     started = time.time()
-    trainer.fit()
-    return time.time() - started
+    result = trainer.fit()
+    elapsed = time.time() - started
+    checkpoint = result.checkpoint
+    model_dir = os.path.join(config.run_dir, "model")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.makedirs(model_dir)
+    pafs.copy_files(f"{checkpoint.path}/model", model_dir, source_filesystem=checkpoint.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/metrics.jsonl") as source, \
+            open(os.path.join(config.run_dir, "metrics.jsonl"), "wb") as target:
+        target.write(source.read())
+    return elapsed
 
 
 def train(config: Config) -> dict:
@@ -228,6 +290,7 @@ def train(config: Config) -> dict:
     started = time.time()
     run_dir = config.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    resumed = check_resumable(config)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     prepared = precompute(config)
@@ -265,7 +328,7 @@ def train(config: Config) -> dict:
         "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
         "desirable_weight": desirable_weight, "num_workers": config.scaling.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": before, "eval_after": after,
-        "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / step_time, 1),
+        "resumed": resumed, "strategy": config.scaling.strategy, "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / step_time, 1),
         "wall_time_s": round(time.time() - started, 1),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -2,28 +2,29 @@
 
 `train_step` runs with or without Ray: give it this worker's micro-batches of one global
 step; when torch.distributed is initialised it all-reduces across the group, otherwise it
-is the whole batch. Collectives live here and nowhere else. Gradients are summed with one
-explicit all-reduce after accumulation (data parallelism, as DDP does), because the loss
-is already normalised by the global row count and because a rank whose share of a step is
-empty must still take part without running a forward.
+is the whole batch. The collectives of the step (z0's sums, the metrics) live here; how
+gradients become an update (summed by hand, or by DeepSpeed ZeRO) lives in `engines.py`.
 """
 
+import contextlib
 import json
 import math
 import os
 import resource
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers import get_scheduler
 
+from pipeline.engines import DeepSpeedEngine, PlainEngine, all_reduce_sum, deepspeed_config, world_size
 from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
 from pipeline.loss import kto_loss
 
@@ -34,7 +35,6 @@ class StepSettings:
     desirable_weight: float
     undesirable_weight: float
     loss_type: str
-    max_grad_norm: float
     pad_token_id: int
     max_tokens_per_forward: int = 0  # 0: one forward a scheduled micro-batch
 
@@ -47,28 +47,6 @@ class MicroBatch:
     labels: torch.Tensor  # bool
     ref_logp: torch.Tensor
     ref_kl_logp: torch.Tensor
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def _all_reduce_gradients(grads: list[torch.Tensor], bucket_bytes: int = 32 * 2**20) -> None:
-    """SUM the gradients across workers in place, a bucket of flattened tensors at a time: few
-    collectives, and at most one bucket of extra memory (not a second copy of every gradient)."""
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for grad in grads + [None]:
-        if grad is not None:
-            bucket.append(grad)
-            size += grad.numel() * grad.element_size()
-        if bucket and (grad is None or size >= bucket_bytes):
-            flat = _all_reduce_sum(_flatten_dense_tensors(bucket))
-            for target, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                target.copy_(reduced)
-            bucket, size = [], 0
 
 
 def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int) -> list[list[int]]:
@@ -85,8 +63,19 @@ def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens
     return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths))
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
+def _padded(groups: list[list[int]], equal: bool, device: torch.device) -> list[Optional[list[int]]]:
+    """The rank's forward groups, padded with `None` (a forward that counts for nothing) up to the
+    busiest rank's count where the engine needs every rank to run the same forwards."""
+    if not equal or world_size() == 1:
+        return groups
+    count = torch.tensor([len(groups)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return groups + [None] * (int(count.item()) - len(groups))
+
+
+def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
     """One optimizer step over a global batch; returns its globally aggregated metrics."""
+    model = engine.module
     device = next(model.parameters()).device
     rows = MicroBatch(  # this rank's rows of the step, laid end to end
         prompt_ids=[p for mb in micro_batches for p in mb.prompt_ids],
@@ -97,32 +86,42 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: 
         ref_logp=torch.cat([mb.ref_logp for mb in micro_batches] + [torch.zeros(0)]),
         ref_kl_logp=torch.cat([mb.ref_kl_logp for mb in micro_batches] + [torch.zeros(0)]),
     )
+    empty_forward = collate([[s.pad_token_id]], [[s.pad_token_id]], s.pad_token_id, device)
+
+    def batch_of(group, completions):
+        if group is None:
+            return empty_forward
+        return collate([rows.prompt_ids[i] for i in group], [completions[i] for i in group], s.pad_token_id, device)
+
     # z0 first: a no-grad forward on every KL pair of the step, one all-reduce of
     # [sum of KL log-ratios, count], then clamp and detach. Every forward of the step
     # then sees the same reference point, whatever the worker count or grouping.
     kl_totals = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for group in forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward):
-            batch = collate([rows.prompt_ids[i] for i in group], [rows.kl_completion_ids[i] for i in group],
-                            s.pad_token_id, device)
-            kl_logps = sequence_logps(model, batch)
-            kl_totals[0] += (kl_logps - rows.ref_kl_logp[group].to(device)).double().sum()
-            kl_totals[1] += len(group)
-    _all_reduce_sum(kl_totals)
+        kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
+        for group in _padded(kl_groups, engine.equal_forwards, device):
+            kl_logps = sequence_logps(model, batch_of(group, rows.kl_completion_ids))
+            if group is not None:
+                kl_totals[0] += (kl_logps - rows.ref_kl_logp[group].to(device)).double().sum()
+                kl_totals[1] += len(group)
+    all_reduce_sum(kl_totals)
     global_rows = kl_totals[1].clamp(min=1)
     kl_unclamped = kl_totals[0] / global_rows
     z0 = kl_unclamped.clamp(min=0).float().detach()
 
     # loss, rewards and log-probs by side, tokens
     stats = torch.zeros(8, dtype=torch.float64, device=device)
-    for group in forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward):
-        batch = collate([rows.prompt_ids[i] for i in group], [rows.completion_ids[i] for i in group],
-                        s.pad_token_id, device)
+    groups = forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward)
+    for group in _padded(groups, engine.equal_forwards, device):
+        batch = batch_of(group, rows.completion_ids)
         logps = sequence_logps(model, batch)
+        if group is None:
+            engine.backward(logps.sum() * 0.0)
+            continue
         labels, ref_logp = rows.labels[group].to(device), rows.ref_logp[group].to(device)
         losses = kto_loss(logps, ref_logp, labels, z0, beta=s.beta, desirable_weight=s.desirable_weight,
                           undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
-        (losses.sum() / global_rows.float()).backward()
+        engine.backward(losses.sum() / global_rows.float())
         rewards = (s.beta * (logps - ref_logp)).detach().double()
         chosen = labels.double()
         stats += torch.stack([
@@ -132,20 +131,9 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: 
             (logps.detach().double() * chosen).sum(), (logps.detach().double() * (1 - chosen)).sum(),
             batch["attention_mask"].sum().double(),
         ])
-    _all_reduce_sum(stats)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        _all_reduce_gradients([p.grad for p in params])
-    max_norm = s.max_grad_norm if s.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    all_reduce_sum(stats)
+    learning_rate = engine.learning_rate()
+    grad_norm = engine.step()
 
     loss_sum, chosen_sum, n_chosen, rejected_sum, n_rejected, chosen_logps, rejected_logps, tokens = stats.tolist()
 
@@ -164,7 +152,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], s: 
         "logps/chosen": mean(chosen_logps, n_chosen),
         "logps/rejected": mean(rejected_logps, n_rejected),
         "learning_rate": learning_rate,
-        "grad_norm": grad_norm.item(),
+        "grad_norm": grad_norm,
         "num_tokens": int(tokens),
         "examples": int(kl_totals[1].item()),
     }
@@ -213,21 +201,37 @@ def gather_micro_batch(scored: pa.Table, rows: list[int]) -> MicroBatch:
     )
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's worker function: resume if a checkpoint exists, run the scheduled steps,
-    write metrics (rank 0), checkpoint, and save the final Hugging Face model."""
-    import ray.train  # here, not at the top: train_step must import where Ray is absent
+def build_engine(config: dict, model: torch.nn.Module, total_steps: int):
+    """The run's strategy around a loaded model: `ddp` (summed by hand) or DeepSpeed ZeRO."""
+    optimizer, scheduler = make_optimizer(model, config["learning_rate"], config["weight_decay"],
+                                          config["lr_scheduler_type"], config["warmup_ratio"], total_steps)
+    if config["strategy"] == "deepspeed":
+        ds = config["deepspeed"]
+        return DeepSpeedEngine(model, optimizer, scheduler, deepspeed_config(
+            ds["zero_stage"], ds["offload_optimizer"], ds["offload_param"], bf16=config["use_gpu"],
+            max_grad_norm=config["max_grad_norm"], per_device_train_batch_size=config["per_device_train_batch_size"]))
+    return PlainEngine(model, optimizer, scheduler, config["max_grad_norm"])
 
-    from pipeline.models import load_causal_lm, load_tokenizer
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's worker function: resume from the latest checkpoint if there is one, run the
+    scheduled steps, write metrics (rank 0), and checkpoint (the last checkpoint holds the model).
+
+    The data position is the step number: every step's rows come from the saved schedule, so a
+    restarted worker group continues with exactly the rows of the first step it had not finished.
+    """
+    import ray.train  # here, not at the top: train_step must import where Ray is absent
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(config["seed"])
     device = torch.device("cuda", context.get_local_rank()) if config["use_gpu"] else torch.device("cpu")
     if config["use_gpu"]:
+        torch.cuda.set_device(device)
         # cuDNN's attention builds a new plan for every new batch shape, and feedback batches have
         # a new shape every step: measured 3.7x slower steps on an H200 (benchmarks/NOTES.md).
         torch.backends.cuda.enable_cudnn_sdp(False)
+    _record_worker(config["run_dir"], rank)
 
     scored = pq.read_table(config["scored_path"], columns=[
         "prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp"])
@@ -237,71 +241,89 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = len(plan)
 
     checkpoint = ray.train.get_checkpoint()
-    start_step = 0
-    model_path = config["model_path"]
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            with open(os.path.join(folder, "trainer_state.json")) as f:
-                start_step = json.load(f)["step"]
-            model = load_causal_lm(folder, config["trust_remote_code"])
-            state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
-        if rank == 0:
-            print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
-    else:
-        model = load_causal_lm(model_path, config["trust_remote_code"])
-        state = None
-    model.to(device).train()
-    disable_dropout(model)
-    optimizer, scheduler = make_optimizer(model, config["learning_rate"], config["weight_decay"],
-                                          config["lr_scheduler_type"], config["warmup_ratio"], total_steps)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-
-    metrics_path = os.path.join(config["run_dir"], "metrics.jsonl")
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
+        engine, start_step, history = _start(config, folder, total_steps, device)
     if rank == 0:
-        _keep_metrics_up_to(metrics_path, start_step)
+        if start_step:
+            print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
+        with open(os.path.join(config["run_dir"], "metrics.jsonl"), "w") as f:
+            f.writelines(history)  # each step once: the lines after the checkpoint are gone
+
     settings = StepSettings(**config["step_settings"])
     for step in range(start_step, total_steps):
         micro_batches = [gather_micro_batch(scored, rows) for rows in plan[step] if rows]
         started = time.perf_counter()
-        metrics = {"step": step + 1, **train_step(model, optimizer, scheduler, micro_batches, settings)}
+        metrics = {"step": step + 1, **train_step(engine, micro_batches, settings)}
         metrics["step_time_s"] = round(time.perf_counter() - started, 3)
         metrics["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        history.append(json.dumps(metrics) + "\n")
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
+                f.write(history[-1])
         done = step + 1
         if done == total_steps or (config["save_steps"] and done % config["save_steps"] == 0):
-            _report_checkpoint(model, optimizer, scheduler, done, metrics, rank)
+            _report_checkpoint(engine, config, done, history, metrics, rank)
+
+
+def _start(config: dict, folder: Optional[str], total_steps: int, device: torch.device):
+    """The engine, the first step to run and the metrics lines so far: fresh, or from a checkpoint."""
+    from pipeline.models import load_causal_lm
+
+    start_step, history = 0, []
+    if folder:
+        state_path = os.path.join(folder, "trainer_state.json")
+        if not os.path.exists(state_path):
+            raise RuntimeError(f"checkpoint {folder} has no trainer_state.json: it was not completely written")
+        with open(state_path) as f:
+            start_step = json.load(f)["step"]
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            history = f.readlines()
+        torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
+    model = load_causal_lm(os.path.join(folder, "model") if folder else config["model_path"],
+                           config["trust_remote_code"])
+    if config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    disable_dropout(model)
+    engine = build_engine(config, model, total_steps)
+    if folder:
+        engine.load(folder)
+    return engine, start_step, history
+
+
+def _record_worker(run_dir: str, rank: int) -> None:
+    """<run>/workers.json: where each rank runs (node, host, pid), for placement checks and for
+    finding a worker's process; written by rank 0 at every (re)start of the worker group."""
+    import ray
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+          "pid": os.getpid()}
+    everyone = [me]
+    if world_size() > 1:
+        everyone = [None] * world_size()
+        dist.all_gather_object(everyone, me)
     if rank == 0:
-        model.save_pretrained(os.path.join(config["run_dir"], "model"), safe_serialization=True)
-        load_tokenizer(config["tokenizer_path"], config["trust_remote_code"]).save_pretrained(
-            os.path.join(config["run_dir"], "model"))
+        with open(os.path.join(run_dir, "workers.json"), "w") as f:
+            json.dump(everyone, f, indent=1)
 
 
-def _keep_metrics_up_to(path: str, step: int) -> None:
-    """On resume, drop lines of steps after the checkpoint, so each step appears exactly once."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-
-def _report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict, rank: int) -> None:
+def _report_checkpoint(engine, config: dict, step: int, history: list[str], metrics: dict, rank: int) -> None:
+    """Every rank writes its part (DeepSpeed: its optimizer partition) into a folder of its own;
+    Ray Train merges the parts into one checkpoint and registers it only when all have arrived."""
     import ray.train
 
+    from pipeline.models import load_tokenizer
+
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
+        engine.export(os.path.join(folder, "model"), rank)
+        engine.save(folder, rank)
         if rank == 0:
-            model.save_pretrained(folder, safe_serialization=True)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state()}, os.path.join(folder, "optimizer.pt"))
-            # Written last: a checkpoint without it is incomplete and never loaded.
-            with open(os.path.join(folder, "trainer_state.json"), "w") as f:
-                json.dump({"step": step}, f)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            load_tokenizer(config["model_path"], config["trust_remote_code"]).save_pretrained(
+                os.path.join(folder, "model"))
+            torch.save(torch.get_rng_state(), os.path.join(folder, "rng.pt"))
+            with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+                f.writelines(history)
+            with open(os.path.join(folder, "trainer_state.json"), "w") as f:  # last: marks it complete
+                json.dump({"step": step, "world_size": world_size(), "strategy": config["strategy"]}, f)
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)

@@ -10,6 +10,8 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPUs, as in CI (no accelerator probing)
+RAY_ENV = {name: os.environ[name] for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")}
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -46,7 +48,7 @@ def write_feedback(path: str, rows: int, seed: int = 0, desirable_share: float =
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(num_cpus=4, runtime_env={"env_vars": RAY_ENV})
     yield ray
     ray.shutdown()
 

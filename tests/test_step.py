@@ -5,6 +5,7 @@ import copy
 import torch
 
 from pipeline.logprobs import collate, sequence_logps
+from pipeline.engines import PlainEngine
 from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step
 
 
@@ -38,7 +39,7 @@ def test_accumulation_matches_one_batch_and_z0_is_the_clamped_global_mean(tiny_m
     ref = torch.zeros(6)
     ref_kl = policy_kl - torch.linspace(0.1, 0.6, 6)
     settings = StepSettings(beta=0.1, desirable_weight=1.3, undesirable_weight=1.0, loss_type="kto",
-                            max_grad_norm=1.0, pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id)
 
     results = []
     # Scheduled micro-batches as they come, then regrouped by length under a token budget.
@@ -47,10 +48,10 @@ def test_accumulation_matches_one_batch_and_z0_is_the_clamped_global_mean(tiny_m
         model = copy.deepcopy(base).train()
         # Adam turns float-order noise in near-zero gradients into steps of up to lr, so a
         # modest lr keeps that noise under the tolerance while every weight still moves.
-        optimizer, scheduler = make_optimizer(model, 1e-4, 0.0, "constant", 0.0, 10)
+        engine = PlainEngine(model, *make_optimizer(model, 1e-4, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
         batches = [_micro_batch(prompts, completions, labels, ref, ref_kl, g) for g in groups]
         step_settings = StepSettings(**{**settings.__dict__, "max_tokens_per_forward": max_tokens})
-        results.append((train_step(model, optimizer, scheduler, batches, step_settings), model.state_dict()))
+        results.append((train_step(engine, batches, step_settings), model.state_dict()))
 
     first_metrics, first_weights = results[0]
     assert abs(first_metrics["kl_unclamped"] - torch.linspace(0.1, 0.6, 6).mean().item()) < 1e-5
@@ -75,9 +76,9 @@ def test_negative_kl_estimate_is_clamped_to_zero(tiny_model):
         policy_kl = sequence_logps(model, collate(prompts, kl_completions, tokenizer.pad_token_id))
     labels = torch.tensor([True, False, True, False])
     batch = _micro_batch(prompts, completions, labels, torch.zeros(4), policy_kl + 2.0, list(range(4)))
-    optimizer, scheduler = make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10)
-    settings = StepSettings(0.1, 1.0, 1.0, "kto", 1.0, tokenizer.pad_token_id)
-    metrics = train_step(model, optimizer, scheduler, [batch], settings)
+    engine = PlainEngine(model, *make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
+    settings = StepSettings(0.1, 1.0, 1.0, "kto", tokenizer.pad_token_id)
+    metrics = train_step(engine, [batch], settings)
     assert abs(metrics["kl_unclamped"] + 2.0) < 1e-5
     assert metrics["kl"] == 0.0
 

@@ -1,0 +1,156 @@
+"""How a worker turns the step's gradients into an update, and how it saves and restores that state.
+
+Two strategies share `train_step`:
+- `PlainEngine` (strategy `ddp`): every worker holds the whole model and optimizer; gradients are
+  summed with one explicit bucketed all-reduce after the step's backwards (what DDP does, without
+  DDP's rule that every rank runs the same number of backwards: a rank's share of a step may be
+  empty or differently grouped).
+- `DeepSpeedEngine` (strategy `deepspeed`): ZeRO stage 1, 2 or 3 partitions optimizer states,
+  gradients and (stage 3) parameters across workers. ZeRO-3 gathers parameters in every forward
+  and ZeRO-2/3 reduce in every backward, so all ranks must run the same number of both:
+  `equal_forwards` tells `train_step` to pad a rank's forwards with empty-weight ones.
+
+Checkpoint layout (one folder, written by all ranks, merged by Ray Train):
+    model/               the Hugging Face export (safetensors, config, tokenizer): usable as is
+    optimizer.pt         ddp: optimizer and scheduler state
+    deepspeed/           deepspeed: the engine's own state, one optimizer partition a rank
+    rng.pt, metrics.jsonl, trainer_state.json (written last: its presence marks a complete checkpoint)
+"""
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_gradients(grads: list[torch.Tensor], bucket_bytes: int = 32 * 2**20) -> None:
+    """SUM the gradients across workers in place, a bucket of flattened tensors at a time: few
+    collectives, and at most one bucket of extra memory (not a second copy of every gradient)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads + [None]:
+        if grad is not None:
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+        if bucket and (grad is None or size >= bucket_bytes):
+            flat = all_reduce_sum(_flatten_dense_tensors(bucket))
+            for target, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                target.copy_(reduced)
+            bucket, size = [], 0
+
+
+class PlainEngine:
+    equal_forwards = False
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else math.inf
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Sum gradients across workers, clip, update; the gradient norm before clipping."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # a rank without rows this step still takes part in the sum
+                p.grad = torch.zeros_like(p)
+        if world_size() > 1:
+            all_reduce_gradients([p.grad for p in params])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    def save(self, folder: str, rank: int) -> None:
+        if rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(folder, "optimizer.pt"))
+
+    def load(self, folder: str) -> None:
+        state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, folder: str, rank: int) -> None:
+        if rank == 0:
+            self.module.save_pretrained(folder, safe_serialization=True)
+
+
+def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_param: bool, bf16: bool,
+                     max_grad_norm: float, per_device_train_batch_size: int) -> dict:
+    """The DeepSpeed config this project runs: the caller owns accumulation (one `step()` a global
+    step, however many backwards a rank ran), gradients are clipped by DeepSpeed's global norm."""
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bf16}
+    return {
+        "train_micro_batch_size_per_gpu": per_device_train_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # torch's AdamW: no JIT-compiled DeepSpeed Adam, and the same update as the ddp strategy
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class DeepSpeedEngine:
+    equal_forwards = True
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, config: dict):
+        import deepspeed  # here: the ddp strategy must not need it
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=config)
+        self.module = self.engine.module
+        self.zero_stage = config["zero_optimization"]["stage"]
+
+    def learning_rate(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks; the step's loss is already normalised by the
+        # global row count, so a sum is wanted: scale by the world size.
+        self.engine.backward(loss * world_size(), scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+    def save(self, folder: str, rank: int) -> None:
+        self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+
+    def load(self, folder: str) -> None:
+        path, _ = self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {folder}/deepspeed; was it written by strategy ddp?")
+
+    def export(self, folder: str, rank: int) -> None:
+        """A full Hugging Face folder on rank 0. ZeRO-3 holds a shard of every parameter on each rank:
+        gather them a layer at a time (a collective: every rank calls this)."""
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero_stage == 3 else None
+        if rank == 0:
+            self.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
