@@ -64,3 +64,18 @@ def tiny_config(tmp_path, model: str, data: str, **overrides):
                 "output.output_dir": str(tmp_path / "runs"), "reference.cache_dir": str(tmp_path / "cache"),
                 "model.cache_dir": str(tmp_path / "models"), **overrides}
     return load_config(None, tuple(f"{k}={'null' if v is None else v}" for k, v in settings.items()))
+
+
+def train_and_load(tmp_path, model: str, data: str, **overrides) -> tuple[list[dict], dict]:
+    """Train in this process (on the session's Ray) and return metrics.jsonl and the model's weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pipeline.run import train
+
+    config = tiny_config(tmp_path, model, data, **overrides)
+    train(config)
+    with open(os.path.join(config.run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return metrics, load_file(os.path.join(config.run_dir, "model", "model.safetensors"))

@@ -1,25 +1,19 @@
 """Worker-count invariance through real Ray Train: 1 and 2 workers on the same global
 batches give the same z0, loss and weights (float32, rtol 1e-5)."""
 
-import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_feedback
-from pipeline.run import train
+from conftest import train_and_load, write_feedback
 
 
 def _run(tmp_path, tiny_model, data, workers, per_device, steps):
-    config = tiny_config(tmp_path, tiny_model, data, **{
+    return train_and_load(tmp_path, tiny_model, data, **{
         "scaling.num_workers": workers, "training.per_device_train_batch_size": per_device,
         "training.max_steps": steps, "output.run_name": f"workers{workers}-steps{steps}"})
-    train(config)
-    with open(os.path.join(config.run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
-    return metrics, load_file(os.path.join(config.run_dir, "model", "model.safetensors"))
 
 
 @pytest.mark.parametrize("steps", [1, 3])
