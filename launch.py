@@ -3,6 +3,8 @@
     python launch.py train [--config configs/default.yaml] [--set section.key=value ...] [--address auto]
     python launch.py precompute [same options]   # data + reference stages only
     python launch.py validate [--data PATH] [--json] [same options]   # data checks, no training
+    python launch.py submit --address http://HEAD:8265 [--config ...] [--set ...] [--follow]   # as a Ray job
+    python launch.py status|logs|stop JOB_ID --address http://HEAD:8265
 """
 
 import argparse
@@ -32,6 +34,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     validate.add_argument("--data", default=None, help="feedback file or folder (default: the config's data.path)")
     validate.add_argument("--json", action="store_true", help="print the facts as one JSON object on stdout")
+    submit = commands.add_parser(
+        "submit", help="run `train` as a Ray job on a cluster through the Ray Jobs API (like `ray job submit`)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its status")
+    submit.add_argument("--working-dir", default=None,
+                        help="folder uploaded as the job's working directory (default: this project)")
+    submit.add_argument("--no-requirements", dest="install_requirements", action="store_false",
+                        help="do not install the project's requirements in the job's environment "
+                             "(the cluster's image already has them)")
+    job_commands = []
+    for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's logs"),
+                       ("stop", "stop a submitted job")):
+        job_command = commands.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        job_command.add_argument("job_id")
+        job_commands.append(job_command)
+    job_commands[1].add_argument("--follow", action="store_true", help="stream until the job finishes")
+    for command in [submit] + job_commands:
+        command.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                             help="the cluster's dashboard (Jobs API) address")
+    submit.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file, inside the working directory")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), passed on to the job")
     for command in (train, precompute, validate):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -48,6 +72,8 @@ def main(argv=None) -> int:
     from pipeline.data import DataError
     from pipeline.drift import DriftError
 
+    if args.command in ("submit", "status", "logs", "stop"):
+        return job_command(args)
     try:
         overrides = list(args.overrides) + ([f"scaling.address={args.address}"] if args.address else [])
         config = load_config(args.config, tuple(overrides))
@@ -73,6 +99,21 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def job_command(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+    from pipeline.config import ConfigError, load_config
+
+    if args.command != "submit":
+        return getattr(jobs, args.command)(args.address, args.job_id, *([args.follow] if args.command == "logs" else []))
+    try:
+        load_config(args.config, tuple(args.overrides))  # config errors here, not minutes later in the job
+        return jobs.submit(args.address, args.config, args.overrides, args.working_dir or jobs.PROJECT_ROOT,
+                           args.install_requirements, args.follow)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def describe(report: dict) -> str:

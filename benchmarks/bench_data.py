@@ -73,7 +73,7 @@ def measure(folder: str, tokenizer: str, out: str, object_store_mib: int) -> dic
     from pipeline.models import resolve_model_path
 
     tokenizer_path = resolve_model_path(tokenizer, os.path.join(ROOT, ".cache", "models"))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              object_store_memory=object_store_mib * 2**20 if object_store_mib else None,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     me, tree_peak, driver_uss_peak, stop = psutil.Process(), [0], [0], threading.Event()

@@ -51,7 +51,8 @@ def start_ray(config: Config) -> None:
             r = config.reference
             busiest = max(s.num_workers * cpus_per_worker, r.num_replicas * r.num_cpus_per_replica)
             num_cpus = s.embedded_num_cpus or int(math.ceil(busiest)) + 2
-            ray.init(num_cpus=num_cpus, runtime_env=runtime_env(config))
+            # "local": a new instance even where `ray start` left a cluster address in /tmp/ray
+            ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env(config))
     available = ray.cluster_resources()
     wanted_cpus = s.num_workers * cpus_per_worker + 1
     if available.get("CPU", 0) < wanted_cpus:

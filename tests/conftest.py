@@ -3,6 +3,8 @@ trained here by the `tokenizers` library. Nothing is downloaded."""
 
 import os
 import random
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPUs, as in CI (no accelerator probing)
 RAY_ENV = {name: os.environ[name] for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")}
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
@@ -48,7 +51,7 @@ def write_feedback(path: str, rows: int, seed: int = 0, desirable_share: float =
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, runtime_env={"env_vars": RAY_ENV})
+    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": RAY_ENV})
     yield ray
     ray.shutdown()
 
@@ -79,3 +82,9 @@ def train_and_load(tmp_path, model: str, data: str, **overrides) -> tuple[list[d
     with open(os.path.join(config.run_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     return metrics, load_file(os.path.join(config.run_dir, "model", "model.safetensors"))
+
+
+def launch(*args: str, **popen) -> subprocess.CompletedProcess:
+    """`python launch.py ARGS` from the project root, as a user runs it."""
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=900, **popen)

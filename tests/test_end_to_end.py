@@ -3,25 +3,16 @@ directory, the quarantine, the reference cache, and re-running the same run name
 
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import write_feedback
+from conftest import launch, write_feedback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_FIELDS = ("step", "loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins",
                  "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "num_tokens", "examples")
-
-
-def launch(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
 
 
 def first_json(text: str) -> dict:
@@ -101,6 +92,11 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     rerun = launch("train", "--config", config)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["resumed"] is True
+    # ... but not with another training config: that would mix two runs.
+    changed = launch("train", "--config", config, "--set", "training.learning_rate=0.01")
+    assert changed.returncode == 2 and "training.learning_rate = 0.001, now 0.01" in changed.stderr
+    assert "output.resume=false" in changed.stderr
 
 
 def test_validate_prints_the_facts_and_fails_when_too_much_is_bad(tiny_run):

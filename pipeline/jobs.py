@@ -1,0 +1,88 @@
+"""`launch.py submit | status | stop`: the whole run as a Ray job, through the Ray Jobs API.
+
+What `ray job submit --working-dir . -- python launch.py train ...` does, with the project's
+defaults: the project folder (without virtual environments, caches and run outputs) travels as
+the job's working directory, the project's requirements as its `pip` environment, and the job's
+driver connects to the cluster it runs on (`--address auto`).
+"""
+
+import asyncio
+import os
+import shlex
+import time
+import tomllib
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Never uploaded: environments, caches, outputs, generated demo data (the job writes its own).
+EXCLUDES = [".venv", ".cache", "runs", ".git", ".device", "data/demo", "__pycache__", "*.egg-info", ".pytest_cache"]
+FINISHED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+def project_requirements() -> list[str]:
+    with open(os.path.join(PROJECT_ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
+
+
+def entrypoint(config_path: str, overrides: list[str], working_dir: str) -> str:
+    """The job's command; the config must travel with the working directory."""
+    relative = os.path.relpath(os.path.abspath(config_path), working_dir)
+    if relative.startswith(".."):
+        raise FileNotFoundError(f"--config {config_path} is outside the job's working directory {working_dir}: "
+                                "put the config inside it (e.g. configs/) so that the job can read it")
+    words = ["python", "launch.py", "train", "--config", relative, "--address", "auto"]
+    for override in overrides:
+        words += ["--set", override]
+    return shlex.join(words)
+
+
+def submit(address: str, config_path: str, overrides: list[str], working_dir: str = PROJECT_ROOT,
+           install_requirements: bool = True, follow: bool = False) -> int:
+    client = JobSubmissionClient(address)
+    # No env_vars here: the job's driver sets the run's own (offline, ...) when it joins the cluster,
+    # and Ray refuses a job whose runtime_env and driver set the same variable.
+    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
+    if install_requirements:
+        runtime_env["pip"] = project_requirements()
+    job_id = client.submit_job(entrypoint=entrypoint(config_path, overrides, working_dir), runtime_env=runtime_env)
+    print(f"submitted job {job_id} to {address}", flush=True)
+    print(f"  logs:   python launch.py logs {job_id} --address {address}   (or: ray job logs {job_id})")
+    print(f"  status: python launch.py status {job_id} --address {address}")
+    print(f"  stop:   python launch.py stop {job_id} --address {address}", flush=True)
+    return follow_job(client, job_id) if follow else 0
+
+
+def follow_job(client: JobSubmissionClient, job_id: str) -> int:
+    """Stream the job's logs until it finishes; 0 when it succeeded."""
+    async def stream():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(stream())
+    status = client.get_job_status(job_id)
+    while status not in FINISHED:  # the log stream can close a moment before the status is final
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    print(f"job {job_id}: {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def status(address: str, job_id: str) -> int:
+    info = JobSubmissionClient(address).get_job_info(job_id)
+    print(f"job {job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def logs(address: str, job_id: str, follow: bool) -> int:
+    client = JobSubmissionClient(address)
+    if follow:
+        return follow_job(client, job_id)
+    print(client.get_job_logs(job_id), end="")
+    return 0
+
+
+def stop(address: str, job_id: str) -> int:
+    stopped = JobSubmissionClient(address).stop_job(job_id)
+    print(f"job {job_id}: " + ("stop requested" if stopped else "was not running"))
+    return 0

@@ -1,0 +1,100 @@
+"""A run survives a killed training worker (Ray Train restarts the group from the latest
+checkpoint) and a killed driver (the same command again resumes): no step lost or run twice,
+and the final weights equal an uninterrupted run's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch, write_feedback
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model):
+    """A config file for a 2-worker run of STEPS checkpointed steps, and its uninterrupted result."""
+    root = tmp_path_factory.mktemp("fault")
+    data = write_feedback(str(root / "feedback.parquet"), rows=STEPS * 4)
+    config = {
+        "data": {"path": data, "kl_block_size": 4, "generate_demo": False},
+        "model": {"name_or_path": tiny_model, "cache_dir": str(root / "models")},
+        "reference": {"cache_dir": str(root / "cache")},
+        "kto": {"max_length": 64, "max_prompt_length": 32},
+        "training": {"learning_rate": 1e-4, "warmup_ratio": 0.0, "per_device_train_batch_size": 2,
+                     "max_steps": STEPS, "save_steps": 3},
+        "scaling": {"num_workers": 2, "max_failures": 1},
+        "eval": {"path": None},
+        "output": {"output_dir": str(root / "runs"), "run_name": "uninterrupted"},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = launch("train", "--config", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(path), root / "runs", _weights(root / "runs" / "uninterrupted")
+
+
+def _weights(run) -> dict:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _start(config: str, run_name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "launch.py", "train", "--config", config, "--set",
+                             f"output.run_name={run_name}"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(run, step: int, process: subprocess.Popen) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.02)
+    raise TimeoutError(f"no step {step} in {metrics}")
+
+
+def _check_finished_like(run, uninterrupted: dict) -> None:
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    weights = _weights(run)
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0)  # resumed exactly: bit for bit
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint(setup):
+    config, runs, uninterrupted = setup
+    run = runs / "worker-killed"
+    process = _start(config, "worker-killed")
+    _wait_for_step(run, 7, process)  # checkpoints at 3 and 6; step 7 is not in one
+    victim = next(w for w in json.loads((run / "workers.json").read_text()) if w["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert "resuming from the checkpoint of step" in output
+    restarted = json.loads((run / "workers.json").read_text())
+    assert victim["pid"] not in {w["pid"] for w in restarted}  # a new worker group did the rest
+    _check_finished_like(run, uninterrupted)
+
+
+def test_killed_driver_resumes_when_the_command_runs_again(setup):
+    config, runs, uninterrupted = setup
+    run = runs / "driver-killed"
+    process = _start(config, "driver-killed")
+    _wait_for_step(run, 7, process)
+    process.kill()
+    process.wait()
+    again = launch("train", "--config", config, "--set", "output.run_name=driver-killed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming run 'driver-killed'" in again.stderr
+    assert json.loads((run / "summary.json").read_text())["resumed"] is True
+    _check_finished_like(run, uninterrupted)
