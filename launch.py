@@ -105,14 +105,19 @@ def job_command(args: argparse.Namespace) -> int:
     from pipeline import jobs
     from pipeline.config import ConfigError, load_config
 
-    if args.command != "submit":
-        return getattr(jobs, args.command)(args.address, args.job_id, *([args.follow] if args.command == "logs" else []))
     try:
+        if args.command != "submit":
+            extra = [args.follow] if args.command == "logs" else []
+            return getattr(jobs, args.command)(args.address, args.job_id, *extra)
         load_config(args.config, tuple(args.overrides))  # config errors here, not minutes later in the job
         return jobs.submit(args.address, args.config, args.overrides, args.working_dir or jobs.PROJECT_ROOT,
                            args.install_requirements, args.follow)
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ConnectionError, RuntimeError) as error:  # what the Jobs client raises: no cluster, no such job
+        job = f"job {args.job_id}: " if args.command != "submit" else ""
+        print(f"error: {job}{error} (Jobs API at {args.address})", file=sys.stderr)
         return 2
 
 

@@ -84,7 +84,8 @@ def train_and_load(tmp_path, model: str, data: str, **overrides) -> tuple[list[d
     return metrics, load_file(os.path.join(config.run_dir, "model", "model.safetensors"))
 
 
-def launch(*args: str, **popen) -> subprocess.CompletedProcess:
+def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python launch.py ARGS` from the project root, as a user runs it."""
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=900, **popen)
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT,
+                          env={**(env or os.environ), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=900)
