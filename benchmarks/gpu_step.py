@@ -6,7 +6,7 @@ random-initialised from a config (SmolLM2-135M's, and a 0.45B Llama-shaped one).
 
 `DIR` holds a tokenizer and, for `smollm2`, the model's config.json (no weights needed).
 Each contender runs in its own process (clean peak-memory counters): ours (`train_step` with
-precomputed reference log-probs), TRL default (reference model in memory), TRL with
+precomputed reference log-probs), ours under DeepSpeed ZeRO-3 (`ours-zero3`), TRL default (reference model in memory), TRL with
 `precompute_ref_log_probs=True`. Tokens/s: prompt + completion tokens of the rows trained on,
 padding excluded, over the summed step times after one warm-up step. MFU: 6 x parameters x
 tokens / time over the bf16 matrix-multiply rate measured here, first.
@@ -81,7 +81,23 @@ def rows(tokenizer, data: str, count: int, max_length: int) -> tuple[list, list,
     return prompts, completions, labels
 
 
-def run_ours(a) -> dict:
+def zero3_engine(model, optimizer, scheduler, batch_size: int):
+    """`scaling.strategy: deepspeed` as the trainer builds it (ZeRO-3, bf16), in a one-process group."""
+    import torch.distributed as dist
+
+    from pipeline.engines import DeepSpeedEngine, deepspeed_config
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    dist.init_process_group("nccl" if device() == "cuda" else "gloo")
+    return DeepSpeedEngine(model, optimizer, scheduler, deepspeed_config(
+        3, False, False, bf16=device() == "cuda", max_grad_norm=1.0, per_device_train_batch_size=batch_size))
+
+
+def run_ours(a, zero3: bool = False) -> dict:
+    """Ours: bf16 autocast over float32 weights (strategy ddp), or DeepSpeed ZeRO-3's bf16 weights
+    with float32 master copies in the optimizer (strategy deepspeed)."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,6 +108,7 @@ def run_ours(a) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(random_weights(a)).to(device())  # as both sides load
     disable_dropout(model)
+    params = sum(p.numel() for p in model.parameters())  # (ZeRO-3 leaves a shard placeholder in each)
     n = a.batch_size * (a.steps + 1)
     prompts, completions, labels = rows(tokenizer, a.data, n, a.max_length)
     kl = completions[1:] + completions[:1]
@@ -99,7 +116,13 @@ def run_ours(a) -> dict:
         ref = score_sequences(model.eval(), prompts, completions, tokenizer.pad_token_id, device())
         ref_kl = score_sequences(model, prompts, kl, tokenizer.pad_token_id, device())
     model.train()
-    engine = PlainEngine(model, *make_optimizer(model, 1e-6, 0.0, "linear", 0.0, a.steps + 1), max_grad_norm=1.0)
+    optimizer, scheduler = make_optimizer(model, 1e-6, 0.0, "linear", 0.0, a.steps + 1)
+    if zero3:
+        engine = zero3_engine(model, optimizer, scheduler, a.batch_size)
+        model = engine.module
+    else:
+        engine = PlainEngine(model, optimizer, scheduler, max_grad_norm=1.0)
+    autocast = contextlib.nullcontext if zero3 else lambda: torch.autocast(device(), dtype=torch.bfloat16)
     settings = StepSettings(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
                             pad_token_id=tokenizer.pad_token_id,
                             max_tokens_per_forward=a.max_tokens_per_forward)
@@ -109,7 +132,7 @@ def run_ours(a) -> dict:
         batch = MicroBatch(prompts[s], completions[s], kl[s], torch.tensor(labels[s]), ref[s], ref_kl[s])
         synchronize()
         started = time.perf_counter()
-        with torch.autocast(device(), dtype=torch.bfloat16):
+        with autocast():
             metrics = train_step(engine, [batch], settings)
         synchronize()
         if step:  # the first step warms up kernels and allocator
@@ -117,7 +140,7 @@ def run_ours(a) -> dict:
             tokens += metrics["num_tokens"]
     # The model's forward alone on the last batch, to tell GPU time from the step's other work.
     batch = collate(prompts[s], completions[s], tokenizer.pad_token_id, device())
-    with torch.no_grad(), torch.autocast(device(), dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
         synchronize()
         started = time.perf_counter()
@@ -125,7 +148,7 @@ def run_ours(a) -> dict:
             model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
         synchronize()
     forward_s = (time.perf_counter() - started) / 5
-    return {"tokens": tokens, "seconds": sum(times), "params": sum(p.numel() for p in model.parameters()),
+    return {"tokens": tokens, "seconds": sum(times), "params": params,
             "peak_gib": peak_gib(), "forward_tokens_per_s": int(batch["attention_mask"].sum()) / forward_s}
 
 
@@ -192,7 +215,8 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-forward", type=int, default=0, help="ours: 0 = the batch in one forward")
     parser.add_argument("--no-cudnn-attention", action="store_true",
                         help="turn off the cuDNN attention backend, which plans anew for every new batch shape")
-    parser.add_argument("--contenders", default="ours,trl-default,trl-precompute")
+    parser.add_argument("--contenders", default="ours,trl-default,trl-precompute",
+                        help="any of ours (strategy ddp), ours-zero3 (strategy deepspeed), trl-default, trl-precompute")
     parser.add_argument("--one", nargs=2, metavar=("CONTENDER", "MODEL"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.one:
@@ -201,7 +225,10 @@ def main() -> None:
             import torch
 
             torch.backends.cuda.enable_cudnn_sdp(False)
-        result = run_ours(a) if a.one[0] == "ours" else run_trl(a, a.one[0] == "trl-precompute")
+        if a.one[0].startswith("ours"):
+            result = run_ours(a, zero3=a.one[0] == "ours-zero3")
+        else:
+            result = run_trl(a, a.one[0] == "trl-precompute")
         print(json.dumps(result))
         return
     import torch
