@@ -1,8 +1,12 @@
 """The config: YAML + --set overrides, validated once with messages that name key and value."""
 
+import os
+
 import pytest
 
 from pipeline.config import ConfigError, load_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def test_defaults_file_and_overrides_combine(tmp_path):
@@ -28,11 +32,15 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("training.lr=1", "unknown key 'training.lr'"),
     ("beta=1", "expected section.key=value"),
     ("reference.backend=tgi", "reference.backend = 'tgi'"),
+    ("scaling.strategy=fsdp", "scaling.strategy = 'fsdp' is not allowed: ddp | deepspeed"),
+    ("scaling.placement_strategy=spread", "scaling.placement_strategy = 'spread'"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage = 4"),
+    ("deepspeed.offload_param=true deepspeed.zero_stage=2", "true only with deepspeed.zero_stage 3"),
     ("reference.dtype=fp8", "reference.dtype = 'fp8'"),
 ])
 def test_invalid_values_name_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        load_config(None, (override,))
+        load_config(None, tuple(override.split(" ")))  # (one override, or several apart by spaces)
 
 
 def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
@@ -43,3 +51,9 @@ def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
         start_ray(load_config(None, (f"scaling.num_workers={available}",)))
     with pytest.raises(ConfigError, match="reference.num_replicas"):
         start_ray(load_config(None, (f"reference.num_replicas={available + 1}",)))
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(CONFIGS)))
+def test_every_shipped_config_loads_and_validates(name):
+    config = load_config(os.path.join(CONFIGS, name))
+    assert config.scaling.num_workers >= 1
