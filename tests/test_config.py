@@ -35,12 +35,12 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("scaling.strategy=fsdp", "scaling.strategy = 'fsdp' is not allowed: ddp | deepspeed"),
     ("scaling.placement_strategy=spread", "scaling.placement_strategy = 'spread'"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage = 4"),
-    ("deepspeed.offload_param=true deepspeed.zero_stage=2", "true only with deepspeed.zero_stage 3"),
+    ("deepspeed.offload_param=true;deepspeed.zero_stage=2", "true only with deepspeed.zero_stage 3"),
     ("reference.dtype=fp8", "reference.dtype = 'fp8'"),
 ])
 def test_invalid_values_name_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        load_config(None, tuple(override.split(" ")))  # (one override, or several apart by spaces)
+        load_config(None, tuple(override.split(";")))  # (one override, or several apart by ";")
 
 
 def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
