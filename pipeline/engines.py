@@ -118,6 +118,9 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_param: bo
 
 class DeepSpeedEngine:
     equal_forwards = True
+    # ZeRO-3: transformers' HfDeepSpeedConfig, which it consults through a weak reference whenever it
+    # builds parameters; held here so that it lives as long as the engine.
+    zero3_loading = None
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, config: dict):
         import deepspeed  # here: the ddp strategy must not need it

@@ -215,6 +215,9 @@ def check_resumable(config: Config) -> bool:
     filesystem, folder, _ = checkpoint_storage(config)
     if filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
         return False
+    entries = filesystem.get_file_info(pafs.FileSelector(folder))
+    if not any(e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") for e in entries):
+        return False  # an earlier attempt stopped before its first checkpoint: nothing to continue
     if not config.output.resume:
         log.info("output.resume is false: deleting the checkpoints of the previous run in %s", folder)
         filesystem.delete_dir(folder)

@@ -201,15 +201,22 @@ def gather_micro_batch(scored: pa.Table, rows: list[int]) -> MicroBatch:
     )
 
 
-def build_engine(config: dict, model: torch.nn.Module, total_steps: int):
+def deepspeed_settings(config: dict) -> Optional[dict]:
+    """The DeepSpeed config of a `deepspeed` run (bf16 on GPUs, float32 on CPUs); None for ddp."""
+    if config["strategy"] != "deepspeed":
+        return None
+    ds = config["deepspeed"]
+    return deepspeed_config(ds["zero_stage"], ds["offload_optimizer"], ds["offload_param"], bf16=config["use_gpu"],
+                            max_grad_norm=config["max_grad_norm"],
+                            per_device_train_batch_size=config["per_device_train_batch_size"])
+
+
+def build_engine(config: dict, model: torch.nn.Module, total_steps: int, ds_config: Optional[dict]):
     """The run's strategy around a loaded model: `ddp` (summed by hand) or DeepSpeed ZeRO."""
     optimizer, scheduler = make_optimizer(model, config["learning_rate"], config["weight_decay"],
                                           config["lr_scheduler_type"], config["warmup_ratio"], total_steps)
-    if config["strategy"] == "deepspeed":
-        ds = config["deepspeed"]
-        return DeepSpeedEngine(model, optimizer, scheduler, deepspeed_config(
-            ds["zero_stage"], ds["offload_optimizer"], ds["offload_param"], bf16=config["use_gpu"],
-            max_grad_norm=config["max_grad_norm"], per_device_train_batch_size=config["per_device_train_batch_size"]))
+    if ds_config:
+        return DeepSpeedEngine(model, optimizer, scheduler, ds_config)
     return PlainEngine(model, optimizer, scheduler, config["max_grad_norm"])
 
 
@@ -279,13 +286,26 @@ def _start(config: dict, folder: Optional[str], total_steps: int, device: torch.
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             history = f.readlines()
         torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
+    ds_config = deepspeed_settings(config)
+    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    if zero3:
+        # While this object lives, transformers builds models inside deepspeed.zero.Init: each rank
+        # materialises only its partition of the weights (a 70B model is 282 GB in float32; no
+        # worker could hold it whole). It is kept on the engine for the run's lifetime.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_loading = HfDeepSpeedConfig(ds_config)
     model = load_causal_lm(os.path.join(folder, "model") if folder else config["model_path"],
                            config["trust_remote_code"])
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device).train()
+    if not ds_config:
+        model.to(device)  # (DeepSpeed places the model, or its partitions, itself)
+    model.train()
     disable_dropout(model)
-    engine = build_engine(config, model, total_steps)
+    engine = build_engine(config, model, total_steps, ds_config)
+    if zero3:
+        engine.zero3_loading = zero3_loading
     if folder:
         engine.load(folder)
     return engine, start_step, history
