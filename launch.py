@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.data import DataError
     from pipeline.drift import DriftError
+    from ray.train import TrainingFailedError
 
     if args.command in ("submit", "status", "logs", "stop"):
         return job_command(args)
@@ -98,6 +99,11 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, DriftError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailedError as error:  # a worker kept failing: its traceback is in the error
+        print(f"error: training failed (scaling.max_failures = {config.scaling.max_failures} restarts "
+              f"allowed): {error}\nThe checkpoints so far are kept: run the same command again to continue "
+              "from the latest one.", file=sys.stderr)
+        return 3
     return 0
 
 
