@@ -45,12 +45,24 @@ def submit(address: str, config_path: str, overrides: list[str], working_dir: st
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
     if install_requirements:
         runtime_env["pip"] = project_requirements()
-    job_id = client.submit_job(entrypoint=entrypoint(config_path, overrides, working_dir), runtime_env=runtime_env)
+    job_id = _submit_when_ready(client, entrypoint(config_path, overrides, working_dir), runtime_env)
     print(f"submitted job {job_id} to {address}", flush=True)
     print(f"  logs:   python launch.py logs {job_id} --address {address}   (or: ray job logs {job_id})")
     print(f"  status: python launch.py status {job_id} --address {address}")
     print(f"  stop:   python launch.py stop {job_id} --address {address}", flush=True)
     return follow_job(client, job_id) if follow else 0
+
+
+def _submit_when_ready(client: JobSubmissionClient, command: str, runtime_env: dict, wait_s: float = 120) -> str:
+    """Submit; a head that has just started answers "No available agent" until its job agent is up."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=runtime_env)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow_job(client: JobSubmissionClient, job_id: str) -> int:
