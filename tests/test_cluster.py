@@ -79,7 +79,8 @@ def test_submit_runs_a_training_job_on_a_real_head(tmp_path, tiny_model):
     head = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={_free_port()}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=4", "--disable-usage-stats", "--block"],
+         # (the agent's own port too: the session's embedded Ray already holds the default one)
+         f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--disable-usage-stats", "--block"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dashboard}"
