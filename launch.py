@@ -5,6 +5,8 @@
     python launch.py validate [--data PATH] [--json] [same options]   # data checks, no training
     python launch.py submit --address http://HEAD:8265 [--config ...] [--set ...] [--follow]   # as a Ray job
     python launch.py status|logs|stop JOB_ID --address http://HEAD:8265
+    python launch.py config show [--config ...] [--set ...]   # every key, its value and where it came from
+    python launch.py report RUN_DIR   # PNG plots and a Markdown summary in RUN_DIR/report/
 """
 
 import argparse
@@ -56,10 +58,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     submit.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file, inside the working directory")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), passed on to the job")
-    for command in (train, precompute, validate):
+    report = commands.add_parser("report", help="plots (PNG) and a one-page Markdown summary of a finished run, "
+                                                 "written into RUN_DIR/report/")
+    report.add_argument("run_dir")
+    config = commands.add_parser("config", help="show the resolved config: every key, its value and its source "
+                                                 "(default, the config file, --set)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config.add_argument("action", choices=["show"])
+    for command in (train, precompute, validate, config):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (repeatable), e.g. --set kto.beta=0.2")
+        command.add_argument("--verbose", action="store_true",
+                             help="show Ray Data's per-operator progress and Ray's INFO lines")
         command.add_argument("--address", default=None,
                              help="Ray cluster to run on (auto, ray://HOST:10001); default: an embedded local Ray")
     return parser.parse_args(argv)
@@ -75,10 +86,30 @@ def main(argv=None) -> int:
 
     if args.command in ("submit", "status", "logs", "stop"):
         return job_command(args)
+    if args.command == "report":
+        from pipeline.report import write_report
+
+        try:
+            print(f"report: {write_report(args.run_dir)}")
+        except FileNotFoundError as error:
+            print(f"error: {error} (is {args.run_dir} the directory of a finished run?)", file=sys.stderr)
+            return 2
+        return 0
     try:
         overrides = list(args.overrides) + ([f"scaling.address={args.address}"] if args.address else [])
         config = load_config(args.config, tuple(overrides))
-        if args.command == "train":
+        if not args.verbose and args.command != "config":
+            from pipeline.progress import quiet_ray
+
+            quiet_ray()
+        if args.command == "config":
+            from pipeline.config import value_sources
+
+            sources = value_sources(args.config, tuple(overrides))
+            for section, values in config.to_dict().items():
+                for key, value in values.items():
+                    print(f"{section}.{key} = {json.dumps(value)}  # {sources[f'{section}.{key}']}")
+        elif args.command == "train":
             from pipeline.run import train
 
             print_summary(train(config), config.run_dir)

@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.formats import FORMATS
 from pipeline.loss import LOSS_TYPES
+from pipeline.reporting import REPORTERS
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -116,8 +117,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through PEFT: only the adapters train; the reference stays the base model, so the
+    precomputed reference values stay valid. r = 0: full fine-tuning. No LoRA dropout: dropout is
+    off everywhere in KTO training (the KL and policy forwards of a step must see one model)."""
+    r: int = 0
+    alpha: int = 16
+    target_modules: Union[list, str] = "all-linear"  # or a list of module names, e.g. [q_proj, v_proj]
+    save_merged: bool = False  # also write <run>/merged: the base with the adapters folded in
+
+
+@dataclass
 class EvalConfig:
     path: Optional[str] = None  # held-out feedback, scored like the training data
+    eval_steps: int = 0  # the trainers report eval/ metrics every N steps and at the end; 0: at the end
     property_regex: Optional[str] = None  # share of greedy generations that match, before / after
     max_new_tokens: int = 16
     num_generations: int = 32
@@ -131,6 +144,8 @@ class OutputConfig:
     # None: <run directory>/ray_train. Checkpoints of this run go to <storage_path>/<run_name>.
     storage_path: Optional[str] = None
     resume: bool = True  # a run directory with checkpoints continues from the latest; false: start over
+    # Where step metrics also go (rank 0, <run>/tensorboard); []: metrics.jsonl alone
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -142,6 +157,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -177,6 +193,21 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
     return config
 
 
+def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[str, str]:
+    """'section.key' -> where its resolved value comes from: default, the YAML file, or --set."""
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    sources = {}
+    for section, values in Config().to_dict().items():
+        for key in values:
+            sources[f"{section}.{key}"] = path if key in (raw.get(section) or {}) else "default"
+    for item in overrides:
+        sources[item.partition("=")[0]] = "--set"
+    return sources
+
+
 def _build(cls, raw: dict, prefix: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(known))
@@ -207,6 +238,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         except ValueError:
             pass
     if key == "kto.desirable_weight" and value == "auto":
+        return value
+    if key == "lora.target_modules" and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     raise ConfigError(f"{key} = {value!r}: expected {type(default).__name__} (default {default!r})")
 
@@ -261,6 +294,15 @@ def validate(c: Config) -> None:
     _check(t.max_tokens_per_forward >= 0, "training.max_tokens_per_forward", t.max_tokens_per_forward,
            ">= 0 (0: one forward a scheduled micro-batch)")
     _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
+    _check(isinstance(c.output.report_to, list) and set(c.output.report_to) <= set(REPORTERS), "output.report_to",
+           c.output.report_to, f"a list of: {', '.join(REPORTERS)} (or [] for metrics.jsonl alone)")
+    lora = c.lora
+    _check(lora.r >= 0, "lora.r", lora.r, ">= 0 (0: full fine-tuning)")
+    _check(lora.alpha > 0, "lora.alpha", lora.alpha, "> 0")
+    _check(lora.r == 0 or c.scaling.strategy == "ddp" or c.deepspeed.zero_stage <= 2, "lora.r", lora.r,
+           "LoRA runs with scaling.strategy ddp or deepspeed.zero_stage 1 or 2 (the adapters are small: "
+           "ZeRO-3's parameter partitioning buys nothing)")
+    _check(c.eval.eval_steps >= 0, "eval.eval_steps", c.eval.eval_steps, ">= 0 (0: only at the end)")
     _check(t.save_total_limit >= 0, "training.save_total_limit", t.save_total_limit, ">= 0 (0: keep all)")
     sc = c.scaling
     _check(sc.num_workers >= 1, "scaling.num_workers", sc.num_workers, ">= 1")

@@ -24,6 +24,7 @@ import ray
 from pipeline.formats import (FORMAT_COLUMNS, PAIRED_FORMATS, DataError, check_types, detect_format, render,
                               to_examples)
 from pipeline.pairing import KLPairer
+from pipeline.progress import bar
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
@@ -295,7 +296,9 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     kept_columns = ["prompt_ids", "completion_ids", "kto_label", "source_file", "source_row", "prompt_hash"]
     if fmt in PAIRED_FORMATS:
         kept_columns.append("pair_id")
+    progress = bar(f"data: {os.path.basename(path.rstrip('/')) or path}")
     for batch in dataset.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        progress.update(batch.num_rows)
         batch = _provenance(batch, fmt, rows_seen)
         if settings.deduplicate:
             batch = _mark_duplicates(batch, seen)
@@ -308,6 +311,7 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
         tally.source_rows = sum(rows_seen.values())
         pairer.add(kept.select(kept_columns).rename_columns(
             ["prompt_ids", "completion_ids", "label", "source_file", "source_row", "prompt_hash"] + kept_columns[6:]))
+    progress.close()
     if tally.kept >= 2:
         pairer.finish()
     examples.close()

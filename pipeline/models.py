@@ -68,3 +68,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, dtype=torch.float32) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def load_trained(model_dir: str, base_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The trained policy as one model: a full folder as it is, a LoRA adapter folded into its base."""
+    if not os.path.exists(os.path.join(model_dir, "adapter_config.json")):
+        return load_causal_lm(model_dir, trust_remote_code)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_causal_lm(base_path, trust_remote_code), model_dir).merge_and_unload()

@@ -23,8 +23,10 @@ from pipeline.config import Config, ConfigError
 from pipeline.checks import check_counts, examine, weight_advice
 from pipeline.data import DataError
 from pipeline.pairing import build_schedule
+from pipeline.progress import StepProgress
 from pipeline.drift import DriftError, sample_rows, step0_drift
-from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path
+from pipeline.models import load_causal_lm, load_tokenizer, load_trained, resolve_model_path
+from pipeline.reporting import read_metrics
 from pipeline.scoring import fingerprint, score_examples
 
 log = logging.getLogger("kto")
@@ -239,7 +241,7 @@ def check_resumable(config: Config) -> bool:
     return True
 
 
-def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_path: str) -> float:
+def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_path: str, total_steps: int) -> float:
     """The Ray Train run over the scheduled steps (resumed where checkpoints exist); copies the last
     checkpoint's model and metrics into the run directory; returns the wall time in seconds."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -250,9 +252,12 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
     s, t = config.scaling, config.training
     loop_config = {
         "run_dir": config.run_dir, "model_path": prepared.model_path,
-        "scored_path": prepared.scored_path, "schedule_path": schedule_path, "seed": t.seed, "use_gpu": s.use_gpu,
+        "scored_path": prepared.scored_path, "eval_scored_path": prepared.eval_scored_path,
+        "eval_steps": config.eval.eval_steps, "report_to": config.output.report_to, "schedule_path": schedule_path,
+        "seed": t.seed, "use_gpu": s.use_gpu,
         "trust_remote_code": config.model.trust_remote_code, "strategy": s.strategy,
-        "deepspeed": dataclasses.asdict(config.deepspeed), "gradient_checkpointing": t.gradient_checkpointing,
+        "deepspeed": dataclasses.asdict(config.deepspeed), "lora": dataclasses.asdict(config.lora),
+        "gradient_checkpointing": t.gradient_checkpointing,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps, "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay, "lr_scheduler_type": t.lr_scheduler_type, "warmup_ratio": t.warmup_ratio,
@@ -274,7 +279,8 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
                              checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit or None)),
     )
     started = time.time()
-    result = trainer.fit()
+    with StepProgress(config.run_dir, total_steps):
+        result = trainer.fit()
     elapsed = time.time() - started
     checkpoint = result.checkpoint
     model_dir = os.path.join(config.run_dir, "model")
@@ -315,13 +321,18 @@ def train(config: Config) -> dict:
                                 tokenizer, eval_scored)
         log.info("held-out before training: %s", before)
 
-    train_time = fit(config, prepared, desirable_weight, schedule_path)
+    train_time = fit(config, prepared, desirable_weight, schedule_path, int(schedule.column("step")[-1].as_py()) + 1)
 
-    if eval_scored is not None:
-        after = held_out_check(config, load_causal_lm(os.path.join(run_dir, "model")).eval(), tokenizer, eval_scored)
-        log.info("held-out after training: %s", after)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f]
+    save_merged = config.lora.r and config.lora.save_merged
+    if eval_scored is not None or save_merged:
+        trained = load_trained(os.path.join(run_dir, "model"), model_path, config.model.trust_remote_code)
+        if save_merged:  # the base with the adapters folded in: a plain model for serving
+            trained.save_pretrained(os.path.join(run_dir, "merged"), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(run_dir, "merged"))
+        if eval_scored is not None:
+            after = held_out_check(config, trained.eval(), tokenizer, eval_scored)
+            log.info("held-out after training: %s", after)
+    steps = read_metrics(run_dir)
     # Tokens of the policy's training forwards (prompt + completion, padding excluded) over the
     # time spent in training steps (worker start-up and checkpoints are in train_time_s).
     tokens = sum(step["num_tokens"] for step in steps)
@@ -332,7 +343,8 @@ def train(config: Config) -> dict:
         "label_counts": {"desirable": n_desirable, "undesirable": n_undesirable},
         "desirable_weight": desirable_weight, "num_workers": config.scaling.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": before, "eval_after": after,
-        "resumed": resumed, "strategy": config.scaling.strategy, "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / step_time, 1),
+        "resumed": resumed, "strategy": config.scaling.strategy, "train_time_s": round(train_time, 1),
+        "train_tokens_per_s": round(tokens / step_time, 1),
         "wall_time_s": round(time.time() - started, 1),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.reference import ReferenceScorer, ScoringOptions
+from pipeline.progress import bar
 
 CACHE_FORMAT = 3  # bump when the cached columns or their meaning change
 
@@ -59,8 +60,11 @@ def score_examples(examples_dir: str, target: str, max_model_len: int, *, backen
     handle, staging = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".parquet.tmp")
     os.close(handle)
     writer, expected = None, 0
+    total = pyarrow.dataset.dataset(examples_dir).count_rows()  # every part, as Ray Data reads them
+    progress = bar(f"reference ({backend})", total=total)
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.update(batch.num_rows)
             rows = batch.column("row_index").to_numpy()
             if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
                 raise RuntimeError(f"reference scoring returned rows out of order near row {expected}; "
@@ -69,8 +73,9 @@ def score_examples(examples_dir: str, target: str, max_model_len: int, *, backen
             writer = writer or pq.ParquetWriter(staging, batch.schema)
             writer.write_table(batch)
     finally:
+        progress.close()
         if writer is not None:
             writer.close()
-    if expected != pyarrow.dataset.dataset(examples_dir).count_rows():  # every part, as Ray Data read them
+    if expected != total:
         raise RuntimeError("reference scoring lost rows; the cache was not written")
     os.replace(staging, target)

@@ -7,6 +7,7 @@ gradients become an update (summed by hand, or by DeepSpeed ZeRO) lives in `engi
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from transformers import get_scheduler
 from pipeline.engines import DeepSpeedEngine, PlainEngine, all_reduce_sum, deepspeed_config, world_size
 from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
 from pipeline.loss import kto_loss
+from pipeline.reporting import MetricsLog
 
 
 @dataclass
@@ -37,6 +39,9 @@ class StepSettings:
     loss_type: str
     pad_token_id: int
     max_tokens_per_forward: int = 0  # 0: one forward a scheduled micro-batch
+
+
+SCORED_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp")
 
 
 @dataclass
@@ -73,19 +78,30 @@ def _padded(groups: list[list[int]], equal: bool, device: torch.device) -> list[
     return groups + [None] * (int(count.item()) - len(groups))
 
 
-def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
-    """One optimizer step over a global batch; returns its globally aggregated metrics."""
-    model = engine.module
-    device = next(model.parameters()).device
-    rows = MicroBatch(  # this rank's rows of the step, laid end to end
+def _concatenated(micro_batches: list[MicroBatch]) -> MicroBatch:
+    """This rank's rows of a step laid end to end (a rank may hold none: a last partial batch
+    smaller than the worker count)."""
+    return MicroBatch(
         prompt_ids=[p for mb in micro_batches for p in mb.prompt_ids],
         completion_ids=[c for mb in micro_batches for c in mb.completion_ids],
         kl_completion_ids=[c for mb in micro_batches for c in mb.kl_completion_ids],
-        # (a rank may hold no rows of a step: a last partial batch smaller than the worker count)
         labels=torch.cat([mb.labels for mb in micro_batches] + [torch.zeros(0, dtype=torch.bool)]),
         ref_logp=torch.cat([mb.ref_logp for mb in micro_batches] + [torch.zeros(0)]),
         ref_kl_logp=torch.cat([mb.ref_kl_logp for mb in micro_batches] + [torch.zeros(0)]),
     )
+
+
+def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward: bool) -> dict:
+    """The forwards of one KTO step over every rank's rows, with the step's global sums; with
+    `backward`, each group's share of the loss is back-propagated (the update is the caller's).
+
+    z0 first: a no-grad forward on every KL pair, one all-reduce of [sum of KL log-ratios, count],
+    then clamp and detach. Every forward of the step then sees the same reference point, whatever
+    the worker count or grouping.
+    """
+    model = engine.module
+    device = next(model.parameters()).device
+    rows = _concatenated(micro_batches)
     empty_forward = collate([[s.pad_token_id]], [[s.pad_token_id]], s.pad_token_id, device)
 
     def batch_of(group, completions):
@@ -93,9 +109,6 @@ def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict
             return empty_forward
         return collate([rows.prompt_ids[i] for i in group], [completions[i] for i in group], s.pad_token_id, device)
 
-    # z0 first: a no-grad forward on every KL pair of the step, one all-reduce of
-    # [sum of KL log-ratios, count], then clamp and detach. Every forward of the step
-    # then sees the same reference point, whatever the worker count or grouping.
     kl_totals = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
@@ -109,33 +122,36 @@ def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict
     kl_unclamped = kl_totals[0] / global_rows
     z0 = kl_unclamped.clamp(min=0).float().detach()
 
-    # loss, rewards and log-probs by side, tokens
-    stats = torch.zeros(8, dtype=torch.float64, device=device)
+    # loss, rewards and log-probs by side, tokens, rows on the right side of z0 (implied-reward accuracy)
+    stats = torch.zeros(9, dtype=torch.float64, device=device)
     groups = forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward)
-    for group in _padded(groups, engine.equal_forwards, device):
-        batch = batch_of(group, rows.completion_ids)
-        logps = sequence_logps(model, batch)
-        if group is None:
-            engine.backward(logps.sum() * 0.0)
-            continue
-        labels, ref_logp = rows.labels[group].to(device), rows.ref_logp[group].to(device)
-        losses = kto_loss(logps, ref_logp, labels, z0, beta=s.beta, desirable_weight=s.desirable_weight,
-                          undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
-        engine.backward(losses.sum() / global_rows.float())
-        rewards = (s.beta * (logps - ref_logp)).detach().double()
-        chosen = labels.double()
-        stats += torch.stack([
-            losses.detach().double().sum(),
-            (rewards * chosen).sum(), chosen.sum(),
-            (rewards * (1 - chosen)).sum(), (1 - chosen).sum(),
-            (logps.detach().double() * chosen).sum(), (logps.detach().double() * (1 - chosen)).sum(),
-            batch["attention_mask"].sum().double(),
-        ])
+    with contextlib.nullcontext() if backward else torch.no_grad():
+        for group in _padded(groups, engine.equal_forwards, device):
+            batch = batch_of(group, rows.completion_ids)
+            logps = sequence_logps(model, batch)
+            if group is None:
+                if backward:
+                    engine.backward(logps.sum() * 0.0)
+                continue
+            labels, ref_logp = rows.labels[group].to(device), rows.ref_logp[group].to(device)
+            losses = kto_loss(logps, ref_logp, labels, z0, beta=s.beta, desirable_weight=s.desirable_weight,
+                              undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
+            if backward:
+                engine.backward(losses.sum() / global_rows.float())
+            ratios = (logps - ref_logp).detach()
+            rewards = (s.beta * ratios).double()
+            chosen = labels.double()
+            right = torch.where(labels, ratios - z0 > 0, ratios - z0 < 0)
+            stats += torch.stack([
+                losses.detach().double().sum(),
+                (rewards * chosen).sum(), chosen.sum(),
+                (rewards * (1 - chosen)).sum(), (1 - chosen).sum(),
+                (logps.detach().double() * chosen).sum(), (logps.detach().double() * (1 - chosen)).sum(),
+                batch["attention_mask"].sum().double(), right.double().sum(),
+            ])
     all_reduce_sum(stats)
-    learning_rate = engine.learning_rate()
-    grad_norm = engine.step()
-
-    loss_sum, chosen_sum, n_chosen, rejected_sum, n_rejected, chosen_logps, rejected_logps, tokens = stats.tolist()
+    loss_sum, chosen_sum, n_chosen, rejected_sum, n_rejected, chosen_logps, rejected_logps, tokens, right = \
+        stats.tolist()
 
     def mean(total, count):
         return total / count if count else None
@@ -151,11 +167,31 @@ def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict
                             if chosen_reward is not None and rejected_reward is not None else None),
         "logps/chosen": mean(chosen_logps, n_chosen),
         "logps/rejected": mean(rejected_logps, n_rejected),
-        "learning_rate": learning_rate,
-        "grad_norm": grad_norm,
+        "accuracy": right / global_rows.item(),
         "num_tokens": int(tokens),
         "examples": int(kl_totals[1].item()),
     }
+
+
+def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
+    """One optimizer step over a global batch; returns its globally aggregated metrics."""
+    metrics = _kto_pass(engine, micro_batches, s, backward=True)
+    metrics.pop("accuracy")  # (of the weights before this step's update; eval reports it)
+    metrics["learning_rate"] = engine.learning_rate()
+    metrics["grad_norm"] = engine.step()
+    return metrics
+
+
+def eval_step(engine, eval_rows: MicroBatch, s: StepSettings) -> dict:
+    """Held-out metrics of the policy as it is now, under `eval/` names: the same forwards and
+    all-reduced sums as a training step over every rank's share of the eval rows, one batch, no
+    update. accuracy: the share of rows whose implied reward falls on their label's side of z0."""
+    # (no scheduled micro-batches here: the eval set is one batch, grouped under a token budget)
+    budget = dataclasses.replace(s, max_tokens_per_forward=s.max_tokens_per_forward or 4096)
+    metrics = _kto_pass(engine, [eval_rows], budget, backward=False)
+    return {f"eval/{name}": metrics[name] for name in (
+        "loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins", "accuracy",
+        "examples")}
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -165,9 +201,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def with_adapters(model: torch.nn.Module, lora: dict, adapter_path: Optional[str]) -> torch.nn.Module:
+    """The model with trainable LoRA adapters (PEFT) and everything else frozen."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path:
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+
+
 def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler_type: str, warmup_ratio: float,
                    total_steps: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # (LoRA: the adapters only)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
     scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     return optimizer, scheduler
@@ -240,8 +287,11 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
     _record_worker(config["run_dir"], rank)
 
-    scored = pq.read_table(config["scored_path"], columns=[
-        "prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp"])
+    scored = pq.read_table(config["scored_path"], columns=list(SCORED_COLUMNS))
+    eval_rows = None
+    if config["eval_scored_path"]:  # this rank's share of the held-out rows: every world_size-th one
+        held_out = pq.read_table(config["eval_scored_path"], columns=list(SCORED_COLUMNS))
+        eval_rows = gather_micro_batch(held_out, list(range(rank, held_out.num_rows, world_size())))
     schedule = pq.read_table(config["schedule_path"])
     plan = rank_micro_batches(schedule, rank, config["per_device_train_batch_size"],
                               config["gradient_accumulation_steps"])
@@ -250,11 +300,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
         engine, start_step, history = _start(config, folder, total_steps, device)
-    if rank == 0:
-        if start_step:
-            print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
-        with open(os.path.join(config["run_dir"], "metrics.jsonl"), "w") as f:
-            f.writelines(history)  # each step once: the lines after the checkpoint are gone
+    log = MetricsLog(config["run_dir"], history, start_step, config["report_to"]) if rank == 0 else None
+    if rank == 0 and start_step:
+        print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
 
     settings = StepSettings(**config["step_settings"])
     for step in range(start_step, total_steps):
@@ -263,13 +311,17 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step + 1, **train_step(engine, micro_batches, settings)}
         metrics["step_time_s"] = round(time.perf_counter() - started, 3)
         metrics["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        history.append(json.dumps(metrics) + "\n")
-        if rank == 0:
-            with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
-                f.write(history[-1])
         done = step + 1
+        due = done == total_steps or (config["eval_steps"] and done % config["eval_steps"] == 0)
+        if eval_rows is not None and due:
+            metrics.update(eval_step(engine, eval_rows, settings))
+        history.append(json.dumps(metrics) + "\n")
+        if log:
+            log.write(history[-1], metrics)
         if done == total_steps or (config["save_steps"] and done % config["save_steps"] == 0):
             _report_checkpoint(engine, config, done, history, metrics, rank)
+    if log:
+        log.close()
 
 
 def _start(config: dict, folder: Optional[str], total_steps: int, device: torch.device):
@@ -295,8 +347,13 @@ def _start(config: dict, folder: Optional[str], total_steps: int, device: torch.
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_loading = HfDeepSpeedConfig(ds_config)
-    model = load_causal_lm(os.path.join(folder, "model") if folder else config["model_path"],
-                           config["trust_remote_code"])
+    lora = config["lora"]
+    if lora["r"]:  # the base model, then the adapters: fresh, or the checkpoint's
+        model = with_adapters(load_causal_lm(config["model_path"], config["trust_remote_code"]), lora,
+                              os.path.join(folder, "model") if folder else None)
+    else:
+        model = load_causal_lm(os.path.join(folder, "model") if folder else config["model_path"],
+                               config["trust_remote_code"])
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not ds_config:

@@ -89,3 +89,24 @@ def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT,
                           env={**(env or os.environ), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=900)
+
+
+def direct_eval(model, scored, beta: float, tokenizer_path: str) -> dict:
+    """eval/ metrics of a model on scored held-out rows, computed on one process with the driver's
+    held-out code (score_sequences: no grouping, no collectives) and kto_loss (weights 1)."""
+    import torch
+
+    from pipeline.evaluate import implied_reward_metrics
+    from pipeline.logprobs import score_sequences
+    from pipeline.loss import kto_loss
+    from pipeline.models import load_tokenizer
+
+    model.eval()
+    pad = load_tokenizer(tokenizer_path).pad_token_id
+    direct = implied_reward_metrics(model, scored, beta, pad)
+    logps = score_sequences(model, scored.column("prompt_ids").to_pylist(),
+                            scored.column("completion_ids").to_pylist(), pad)
+    losses = kto_loss(logps, torch.tensor(scored.column("ref_logp").to_numpy()),
+                      torch.tensor(scored.column("label").to_pylist()), torch.tensor(direct["kl"]), beta=beta,
+                      desirable_weight=1.0, undesirable_weight=1.0)
+    return {**direct, "loss": losses.mean().item()}

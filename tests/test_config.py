@@ -57,3 +57,17 @@ def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
 def test_every_shipped_config_loads_and_validates(name):
     config = load_config(os.path.join(CONFIGS, name))
     assert config.scaling.num_workers >= 1
+
+
+def test_config_show_names_the_source_of_every_value(tmp_path):
+    from conftest import launch
+
+    path = tmp_path / "c.yaml"
+    path.write_text("kto:\n  beta: 0.2\n")
+    shown = launch("config", "show", "--config", str(path), "--set", "training.learning_rate=1e-6")
+    assert shown.returncode == 0, shown.stderr
+    lines = dict(line.split(" = ", 1) for line in shown.stdout.splitlines())
+    assert lines["kto.beta"] == f"0.2  # {path}"
+    assert lines["training.learning_rate"] == "1e-06  # --set"
+    assert lines["kto.max_length"] == "1024  # default"
+    assert len(lines) == sum(len(section) for section in load_config(None).to_dict().values())

@@ -81,6 +81,17 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["kto"]["desirable_weight"] == "auto" and resolved["scaling"]["num_workers"] == 2
     assert os.listdir(run / "ray_train")  # Ray Train's checkpoints live under the storage path
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()  # the same names as metrics.jsonl
+    assert {"loss", "kl", "kl_unclamped", "rewards/margins", "learning_rate", "grad_norm"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in lines])
+
+    report = launch("report", str(run))
+    assert report.returncode == 0, report.stderr[-3000:]
+    _check_report(run, summary)
 
     other_dtype = launch("precompute", "--config", config, "--set", "reference.dtype=bfloat16")
     assert other_dtype.returncode == 0, other_dtype.stderr[-3000:]
@@ -93,6 +104,8 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["resumed"] is True
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]  # resumed: no step logged twice
     # ... but not with another training config: that would mix two runs.
     changed = launch("train", "--config", config, "--set", "training.learning_rate=0.01")
     assert changed.returncode == 2 and "training.learning_rate = 0.001, now 0.01" in changed.stderr
@@ -124,3 +137,17 @@ def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path
     assert result.returncode == 2 and "nowhere" in result.stderr and "does not exist" in result.stderr
     result = launch("train", "--config", config, "--set", "kto.bta=0.2")
     assert result.returncode == 2 and "unknown key 'kto.bta'" in result.stderr
+
+
+def _check_report(run, summary: dict) -> None:
+    """PNGs with something drawn in them, and the summary's numbers in the Markdown."""
+    from matplotlib.image import imread
+
+    for name in ("loss.png", "kl.png", "rewards.png", "learning_rate.png"):
+        pixels = imread(str(run / "report" / name))
+        assert pixels.shape[0] > 100 and pixels[..., :3].std() > 0.05, name  # not a blank canvas
+    markdown = (run / "report" / "report.md").read_text()
+    final = summary["final_metrics"]
+    assert f"| step {final['step']} | {final['loss']:.4g} | {final['kl']:.4g} |" in markdown
+    assert f"{summary['data']['read']} examples read, {summary['data']['kept']} kept" in markdown
+    assert "![loss.png](loss.png)" in markdown

@@ -1,0 +1,59 @@
+"""Progress on the driver's terminal, one bar a stage: rows read, rows scored (with rows/s), training
+steps (with loss and ETA). Silent when stderr is not a terminal (log files, CI, Ray jobs), where the
+stages' own log lines say what happened."""
+
+import json
+import logging
+import os
+import sys
+import threading
+
+from tqdm import tqdm
+
+
+def bar(description: str, total: int | None = None, unit: str = "rows") -> tqdm:
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=True, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def quiet_ray() -> None:
+    """Keep Ray Data's per-operator progress and its INFO lines out of the user's way (--verbose shows them)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+class StepProgress:
+    """Follows rank 0's metrics.jsonl while Ray Train runs (where the driver sees the run directory:
+    one machine, or a shared filesystem), as a bar of steps with the latest loss and the ETA."""
+
+    def __init__(self, run_dir: str, total_steps: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.bar = bar("training", total=total_steps, unit="steps")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self):
+        if not self.bar.disable:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.bar.close()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                with open(self.path) as f:
+                    lines = [json.loads(line) for line in f if line.strip()]
+            except (OSError, ValueError):  # not there yet, or a line being written
+                continue
+            if lines:
+                self.bar.n = lines[-1]["step"]
+                self.bar.set_postfix(loss=f"{lines[-1]['loss']:.4f}", kl=f"{lines[-1]['kl']:.3g}", refresh=True)
