@@ -30,13 +30,19 @@ def _train(tmp_path, tiny_model, data, **overrides):
     return config, summary, pq.read_table(precompute(config).eval_scored_path)
 
 
-def test_adapters_train_base_stays_and_the_adapter_reloads(tmp_path, tiny_model, data, ray_local):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model, data, ray_local):
+    """ddp, 1 worker, adapters on q_proj and v_proj, the merged model written too."""
+    return _train(tmp_path_factory.mktemp("lora"), tiny_model, data, **{"lora.save_merged": True,
+                                                                         "output.run_name": "lora"})
+
+
+def test_adapters_train_base_stays_and_the_adapter_reloads(tiny_model, lora_run):
     from peft import PeftModel
 
     from pipeline.models import load_causal_lm
 
-    config, summary, scored = _train(tmp_path, tiny_model, data, **{"lora.save_merged": True,
-                                                                    "output.run_name": "lora"})
+    config, summary, scored = lora_run
     run = config.run_dir
     adapter = load_file(os.path.join(run, "model", "adapter_model.safetensors"))
     assert adapter and all("lora_" in name for name in adapter)
@@ -59,8 +65,8 @@ def test_adapters_train_base_stays_and_the_adapter_reloads(tmp_path, tiny_model,
         assert final[f"eval/{key}"] == pytest.approx(direct[key], rel=1e-4, abs=1e-5), key
 
 
-def test_zero2_with_two_workers_trains_the_same_adapters_as_ddp(tmp_path, tiny_model, data, ray_local):
-    ddp, _, _ = _train(tmp_path, tiny_model, data, **{"output.run_name": "lora-ddp"})
+def test_zero2_with_two_workers_trains_the_same_adapters_as_ddp(tmp_path, tiny_model, data, lora_run):
+    ddp, _, _ = lora_run
     zero2, _, _ = _train(tmp_path, tiny_model, data, **{
         "output.run_name": "lora-zero2", "scaling.num_workers": 2, "training.per_device_train_batch_size": 2,
         "scaling.strategy": "deepspeed", "deepspeed.zero_stage": 2, "scaling.embedded_num_cpus": 4})
