@@ -276,6 +276,8 @@ def train_loop_per_worker(config: dict) -> None:
     """
     import ray.train  # here, not at the top: train_step must import where Ray is absent
 
+    from pipeline.models import load_tokenizer
+
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(config["seed"])
@@ -305,6 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
 
     settings = StepSettings(**config["step_settings"])
+    tokenizer = load_tokenizer(config["model_path"], config["trust_remote_code"]) if rank == 0 else None
     for step in range(start_step, total_steps):
         micro_batches = [gather_micro_batch(scored, rows) for rows in plan[step] if rows]
         started = time.perf_counter()
@@ -319,7 +322,7 @@ def train_loop_per_worker(config: dict) -> None:
         if log:
             log.write(history[-1], metrics)
         if done == total_steps or (config["save_steps"] and done % config["save_steps"] == 0):
-            _report_checkpoint(engine, config, done, history, metrics, rank)
+            _report_checkpoint(engine, config, done, history, metrics, rank, tokenizer)
     if log:
         log.close()
 
@@ -384,19 +387,17 @@ def _record_worker(run_dir: str, rank: int) -> None:
             json.dump(everyone, f, indent=1)
 
 
-def _report_checkpoint(engine, config: dict, step: int, history: list[str], metrics: dict, rank: int) -> None:
+def _report_checkpoint(engine, config: dict, step: int, history: list[str], metrics: dict, rank: int,
+                       tokenizer) -> None:
     """Every rank writes its part (DeepSpeed: its optimizer partition) into a folder of its own;
     Ray Train merges the parts into one checkpoint and registers it only when all have arrived."""
     import ray.train
-
-    from pipeline.models import load_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         engine.export(os.path.join(folder, "model"), rank)
         engine.save(folder, rank)
         if rank == 0:
-            load_tokenizer(config["model_path"], config["trust_remote_code"]).save_pretrained(
-                os.path.join(folder, "model"))
+            tokenizer.save_pretrained(os.path.join(folder, "model"))
             torch.save(torch.get_rng_state(), os.path.join(folder, "rng.pt"))
             with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
                 f.writelines(history)
