@@ -146,9 +146,10 @@ def job_command(args: argparse.Namespace) -> int:
         if args.command != "submit":
             extra = [args.follow] if args.command == "logs" else []
             return getattr(jobs, args.command)(args.address, args.job_id, *extra)
-        load_config(args.config, tuple(args.overrides))  # config errors here, not minutes later in the job
+        config = load_config(args.config, tuple(args.overrides))  # errors here, not minutes later in the job
+        trackers = [name for name in config.output.report_to if name in ("mlflow", "wandb")]  # pyproject extras
         return jobs.submit(args.address, args.config, args.overrides, args.working_dir or jobs.PROJECT_ROOT,
-                           args.install_requirements, args.follow)
+                           args.install_requirements, args.follow, trackers)
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -161,7 +162,8 @@ def job_command(args: argparse.Namespace) -> int:
 def describe(report: dict) -> str:
     """`validate`'s report for a person."""
     lines = [f"format: {report['format']}  files: {report['files']}  input rows: {report['source_rows']}",
-             f"examples read: {report['read']}  kept: {report['kept']}  rejected: {report['rejected']}"]
+             f"examples read: {report['read']}  kept: {report['kept']}  rejected: {report['rejected']}"
+             + (f"  held out for eval: {report['held_out']}" if report["held_out"] else "")]
     lines += [f"  rejected {reason}: {n}" for reason, n in report["rejected_by_reason"].items()]
     if report["rejected"]:
         lines.append(f"  rejected rows, with their reasons: {report['rejected_dir']}")

@@ -16,12 +16,14 @@ def data_settings(config: Config, tokenizer_path: str) -> DataSettings:
     return DataSettings(tokenizer_path=tokenizer_path, max_length=k.max_length, max_prompt_length=k.max_prompt_length,
                         kl_block_size=d.kl_block_size, format=d.format, label_map=dict(d.label_map),
                         prompt_delimiter=d.prompt_delimiter, deduplicate=d.deduplicate,
-                        trust_remote_code=config.model.trust_remote_code)
+                        trust_remote_code=config.model.trust_remote_code,
+                        held_out_fraction=0.0 if config.eval.path else config.eval.split_fraction)
 
 
 def examine(config: Config, data_path: str, tokenizer_path: str) -> tuple[str, dict]:
     """The data stage for one path, cached: (its cache folder, its counts). The folder holds
-    examples/ (kept, KL-paired rows), rejected/ (rows with reasons) and report.json."""
+    examples/ (kept, KL-paired rows), held_out/ (with eval.split_fraction), rejected/ (rows with
+    reasons) and report.json."""
     settings = data_settings(config, tokenizer_path)
     files, _ = list_input_files(data_path)
     folder = os.path.join(os.path.abspath(config.reference.cache_dir), fingerprint(files, [tokenizer_path],
@@ -59,6 +61,11 @@ def check_counts(config: Config, counts: dict, data_path: str) -> None:
     if counts["kept"] < 2:
         raise DataError(f"data path {data_path!r}: {counts['kept']} usable row(s) ({reasons or 'none rejected'}); "
                         "KL pairing needs at least 2")
+    if "held_out_counts" in counts and counts["held_out"] < 2:
+        raise DataError(f"data path {data_path!r}: eval.split_fraction = {config.eval.split_fraction:g} held out "
+                        f"{counts['held_out']} of {counts['read'] - counts['rejected']} usable rows (whole prompts "
+                        "go to one side); the eval set needs at least 2 to pair: raise eval.split_fraction, or "
+                        "give eval.path")
 
 
 def weight_advice(desirable_weight, undesirable_weight: float, n_desirable: int, n_undesirable: int) -> dict:

@@ -119,10 +119,12 @@ class DeepSpeedConfig:
 @dataclass
 class LoraConfig:
     """LoRA through PEFT: only the adapters train; the reference stays the base model, so the
-    precomputed reference values stay valid. r = 0: full fine-tuning. No LoRA dropout: dropout is
-    off everywhere in KTO training (the KL and policy forwards of a step must see one model)."""
+    precomputed reference values stay valid. r = 0: full fine-tuning."""
     r: int = 0
     alpha: int = 16
+    # PEFT's lora_dropout. 0 keeps the model's forwards deterministic like the rest of KTO training
+    # (the model's own dropout is off, as in TRL): a step's KL and policy forwards then see one model.
+    dropout: float = 0.0
     target_modules: Union[list, str] = "all-linear"  # or a list of module names, e.g. [q_proj, v_proj]
     save_merged: bool = False  # also write <run>/merged: the base with the adapters folded in
 
@@ -130,6 +132,9 @@ class LoraConfig:
 @dataclass
 class EvalConfig:
     path: Optional[str] = None  # held-out feedback, scored like the training data
+    # Without a path: hold out this share of the training data's prompts (chosen by a hash of the
+    # prompt: the same split on every run; every answer to a prompt on one side); 0: no eval set
+    split_fraction: float = 0.0
     eval_steps: int = 0  # the trainers report eval/ metrics every N steps and at the end; 0: at the end
     property_regex: Optional[str] = None  # share of greedy generations that match, before / after
     max_new_tokens: int = 16
@@ -144,7 +149,8 @@ class OutputConfig:
     # None: <run directory>/ray_train. Checkpoints of this run go to <storage_path>/<run_name>.
     storage_path: Optional[str] = None
     resume: bool = True  # a run directory with checkpoints continues from the latest; false: start over
-    # Where step metrics also go (rank 0, <run>/tensorboard); []: metrics.jsonl alone
+    # Where step metrics also go, from rank 0: tensorboard (<run>/tensorboard), mlflow (MLflow's own
+    # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME), wandb (WANDB_PROJECT, WANDB_MODE, ...); []: metrics.jsonl alone
     report_to: list = field(default_factory=lambda: ["tensorboard"])
 
 
@@ -302,6 +308,11 @@ def validate(c: Config) -> None:
     _check(lora.r == 0 or c.scaling.strategy == "ddp" or c.deepspeed.zero_stage <= 2, "lora.r", lora.r,
            "LoRA runs with scaling.strategy ddp or deepspeed.zero_stage 1 or 2 (the adapters are small: "
            "ZeRO-3's parameter partitioning buys nothing)")
+    _check(0 <= lora.dropout < 1, "lora.dropout", lora.dropout, "in [0, 1)")
+    _check(0 <= c.eval.split_fraction < 1, "eval.split_fraction", c.eval.split_fraction,
+           "in [0, 1) (the share of prompts held out; 0: none)")
+    _check(not (c.eval.path and c.eval.split_fraction), "eval.split_fraction", c.eval.split_fraction,
+           f"0 when eval.path is set ({c.eval.path!r}): the eval set comes from one source")
     _check(c.eval.eval_steps >= 0, "eval.eval_steps", c.eval.eval_steps, ">= 0 (0: only at the end)")
     _check(t.save_total_limit >= 0, "training.save_total_limit", t.save_total_limit, ">= 0 (0: keep all)")
     sc = c.scaling

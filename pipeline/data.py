@@ -45,6 +45,7 @@ class DataSettings:
     prompt_delimiter: str = "\n\nAssistant:"
     deduplicate: bool = False
     trust_remote_code: bool = False
+    held_out_fraction: float = 0.0  # share of the prompts whose rows go to held_out/ (eval), not examples/
 
 
 def list_input_files(path: str) -> tuple[list[str], str]:
@@ -205,16 +206,14 @@ class PartWriter:
 
 
 class Tally:
-    """What the driver keeps of the stream: counts and length histograms, no rows."""
+    """What the driver keeps of the kept rows: counts and length histograms, no rows."""
 
     def __init__(self):
-        self.reasons: Counter = Counter()
-        self.kept = self.desirable = self.source_rows = self.longest_sequence = 0
+        self.kept = self.desirable = self.longest_sequence = 0
         self.truncated = Counter()
         self.lengths = {"prompt": np.zeros(LENGTH_BINS, np.int64), "completion": np.zeros(LENGTH_BINS, np.int64)}
 
-    def add(self, kept: pa.Table, reasons: list[str], settings: DataSettings) -> None:
-        self.reasons.update(reasons)
+    def add(self, kept: pa.Table, settings: DataSettings) -> None:
         self.kept += kept.num_rows
         self.desirable += int(pc.sum(kept.column("kto_label").cast(pa.int64())).as_py() or 0)
         for side, limit in (("prompt", settings.max_prompt_length), ("completion", None)):
@@ -235,15 +234,44 @@ class Tally:
         at = {f"p{q}": int(np.searchsorted(cumulative, q / 100 * cumulative[-1])) for q in (50, 90, 99)}
         return {**at, "max": int(np.flatnonzero(self.lengths[side])[-1])}
 
-    def report(self, fmt: str, files: list[str], pairer: KLPairer) -> dict:
-        rejected = sum(self.reasons.values())
-        return {"format": fmt, "files": len(files), "source_rows": self.source_rows,
-                "read": self.kept + rejected, "kept": self.kept, "rejected": rejected,
-                "rejected_by_reason": dict(sorted(self.reasons.items())),
-                "desirable": self.desirable, "undesirable": self.kept - self.desirable,
+    def report(self, pairer: KLPairer) -> dict:
+        """The counts of one side of the split (rejected rows are counted by the caller)."""
+        return {"kept": self.kept, "desirable": self.desirable, "undesirable": self.kept - self.desirable,
                 "tokens_before_truncation": {side: self.percentiles(side) for side in ("prompt", "completion")},
                 "truncated": dict(self.truncated), "longest_sequence": self.longest_sequence,
                 "kl_block_size": pairer.block_size, "kl_rows_folded_into_last_block": pairer.folded_rows}
+
+
+class PairedSink:
+    """One side of the split (training examples or held-out rows): its kept rows are KL-paired
+    among themselves, so no held-out completion ever serves as a training row's KL completion."""
+
+    def __init__(self, folder: str, settings: DataSettings):
+        self.writer, self.tally, self.settings = PartWriter(folder), Tally(), settings
+        self.pairer = KLPairer(settings.kl_block_size, settings.max_length, self._write)
+
+    def _write(self, table: pa.Table) -> None:
+        self.tally.pairing_done(table)
+        self.writer.write(table)
+
+    def add(self, kept: pa.Table, columns: list[str]) -> None:
+        self.tally.add(kept, self.settings)
+        self.pairer.add(kept.select(columns).rename_columns(
+            ["prompt_ids", "completion_ids", "label", "source_file", "source_row", "prompt_hash"] + columns[6:]))
+
+    def finish(self) -> dict:
+        if self.tally.kept >= 2:  # fewer: the caller's checks say so with the data path in the message
+            self.pairer.finish()
+        self.writer.close()
+        return self.tally.report(self.pairer)
+
+
+def is_held_out(prompt_hash: pa.Array, fraction: float) -> pa.Array:
+    """Whether a row belongs to the held-out side: decided by its prompt's hash alone, so the split
+    is the same on every run and machine, and all answers to one prompt land on the same side
+    (the eval set never grades a prompt the policy trained on)."""
+    unit = prompt_hash.to_numpy(zero_copy_only=False).view(np.uint64) / float(1 << 64)
+    return pa.array(unit < fraction)
 
 
 def _provenance(batch: pa.Table, fmt: str, rows_seen: Counter) -> pa.Table:
@@ -275,8 +303,9 @@ def _mark_duplicates(batch: pa.Table, seen: set) -> pa.Table:
 
 
 def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
-    """Streams `path` through the data stage into out_dir/examples/ (kept, KL-paired rows) and
-    out_dir/rejected/ (original rows with a reason); returns the counts."""
+    """Streams `path` through the data stage into out_dir/examples/ (kept, KL-paired rows),
+    out_dir/held_out/ (with settings.held_out_fraction: the held-out prompts' rows, paired among
+    themselves) and out_dir/rejected/ (original rows with a reason); returns the counts."""
     files, kind = list_input_files(path)
     fmt = check_inputs(files, kind, settings)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # provenance and pairing
@@ -285,14 +314,9 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     # every CPU tokenize, instead of one task a file.
     dataset = read(files, include_paths=True).repartition(target_num_rows_per_block=ROWS_PER_TASK).map_batches(
         tokenize_batch, fn_args=(fmt, settings), batch_format="pyarrow", num_cpus=1)
-    examples, rejected = PartWriter(os.path.join(out_dir, "examples")), PartWriter(os.path.join(out_dir, "rejected"))
-    tally, rows_seen, seen = Tally(), Counter(), set()
-
-    def write_paired(table: pa.Table) -> None:
-        tally.pairing_done(table)
-        examples.write(table)
-
-    pairer = KLPairer(settings.kl_block_size, settings.max_length, write_paired)
+    rejected = PartWriter(os.path.join(out_dir, "rejected"))
+    train, held_out = (PairedSink(os.path.join(out_dir, name), settings) for name in ("examples", "held_out"))
+    reasons, rows_seen, seen = Counter(), Counter(), set()
     kept_columns = ["prompt_ids", "completion_ids", "kto_label", "source_file", "source_row", "prompt_hash"]
     if fmt in PAIRED_FORMATS:
         kept_columns.append("pair_id")
@@ -306,14 +330,22 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
         bad = batch.filter(is_bad)
         rejected.write(bad.drop_columns([c for c in ADDED_COLUMNS if c not in ("reason",)] + (
             ["pair_id"] if fmt in PAIRED_FORMATS else [])))
+        reasons.update(bad.column("reason").to_pylist())
         kept = batch.filter(pc.invert(is_bad))
-        tally.add(kept, bad.column("reason").to_pylist(), settings)
-        tally.source_rows = sum(rows_seen.values())
-        pairer.add(kept.select(kept_columns).rename_columns(
-            ["prompt_ids", "completion_ids", "label", "source_file", "source_row", "prompt_hash"] + kept_columns[6:]))
+        if settings.held_out_fraction > 0:
+            to_held_out = is_held_out(kept.column("prompt_hash"), settings.held_out_fraction)
+            held_out.add(kept.filter(to_held_out), kept_columns)
+            kept = kept.filter(pc.invert(to_held_out))
+        train.add(kept, kept_columns)
     progress.close()
-    if tally.kept >= 2:
-        pairer.finish()
-    examples.close()
     rejected.close()
-    return tally.report(fmt, files, pairer)
+    counts = train.finish()
+    held_out_counts = held_out.finish()
+    n_rejected = sum(reasons.values())
+    report = {"format": fmt, "files": len(files), "source_rows": sum(rows_seen.values()),
+              "read": counts["kept"] + held_out_counts["kept"] + n_rejected, **counts,
+              "held_out": held_out_counts["kept"], "rejected": n_rejected,
+              "rejected_by_reason": dict(sorted(reasons.items()))}
+    if settings.held_out_fraction > 0:
+        report["held_out_counts"] = held_out_counts
+    return report

@@ -20,9 +20,11 @@ EXCLUDES = [".venv", ".cache", "runs", ".git", ".device", "data/demo", "__pycach
 FINISHED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
-def project_requirements() -> list[str]:
+def project_requirements(extras: list[str] = ()) -> list[str]:
+    """pyproject's dependencies and those of the named extras (the reporters a run lists)."""
     with open(os.path.join(PROJECT_ROOT, "pyproject.toml"), "rb") as f:
-        return tomllib.load(f)["project"]["dependencies"]
+        project = tomllib.load(f)["project"]
+    return project["dependencies"] + [need for extra in extras for need in project["optional-dependencies"][extra]]
 
 
 def entrypoint(config_path: str, overrides: list[str], working_dir: str) -> str:
@@ -38,13 +40,13 @@ def entrypoint(config_path: str, overrides: list[str], working_dir: str) -> str:
 
 
 def submit(address: str, config_path: str, overrides: list[str], working_dir: str = PROJECT_ROOT,
-           install_requirements: bool = True, follow: bool = False) -> int:
+           install_requirements: bool = True, follow: bool = False, extras: list[str] = ()) -> int:
     client = JobSubmissionClient(address)
     # No env_vars here: the job's driver sets the run's own (offline, ...) when it joins the cluster,
     # and Ray refuses a job whose runtime_env and driver set the same variable.
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
     if install_requirements:
-        runtime_env["pip"] = project_requirements()
+        runtime_env["pip"] = project_requirements(extras)
     job_id = _submit_when_ready(client, entrypoint(config_path, overrides, working_dir), runtime_env)
     print(f"submitted job {job_id} to {address}", flush=True)
     print(f"  logs:   python launch.py logs {job_id} --address {address}   (or: ray job logs {job_id})")

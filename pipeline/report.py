@@ -65,7 +65,9 @@ def summary_markdown(run_dir: str, steps: list[dict], plots: list[str]) -> str:
         f"({t['lr_scheduler_type']}), global batch {summary['global_batch_size']}",
         f"- {summary['num_workers']} workers, strategy {summary.get('strategy', 'ddp')}; reference "
         f"{summary['reference']['backend']} ({summary['reference']['dtype']})",
-        f"- data: {data['read']} examples read, {data['kept']} kept, {data['rejected']} rejected; "
+        f"- data: {data['read']} examples read, {data['kept']} kept, "
+        + (f"{data['held_out']} held out for eval, " if data.get("held_out") else "")
+        + f"{data['rejected']} rejected; "
         f"{summary['label_counts']['desirable']} desirable, {summary['label_counts']['undesirable']} undesirable",
         f"- {summary['steps']} steps in {_number(summary['wall_time_s'])} s "
         f"(training {_number(summary['train_time_s'])} s, {_number(summary['train_tokens_per_s'])} tokens/s)",

@@ -26,18 +26,21 @@ from pipeline.pairing import build_schedule
 from pipeline.progress import StepProgress
 from pipeline.drift import DriftError, sample_rows, step0_drift
 from pipeline.models import load_causal_lm, load_tokenizer, load_trained, resolve_model_path
-from pipeline.reporting import read_metrics
+from pipeline.reporting import missing_reporters, read_metrics
 from pipeline.scoring import fingerprint, score_examples
 
 log = logging.getLogger("kto")
 
 
 def runtime_env(config: Config) -> dict:
-    """Environment of every Ray process of the run: offline, and DeepSpeed told it runs on CPUs
-    where it does (else it probes for an accelerator and warns)."""
+    """Environment of every Ray process of the run: offline, DeepSpeed told it runs on CPUs where
+    it does (else it probes for an accelerator and warns), and the driver's MLFLOW_* / WANDB_*
+    variables for the reporters that output.report_to lists (rank 0 may run on another node)."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not config.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    prefixes = tuple(f"{name.upper()}_" for name in config.output.report_to if name in ("mlflow", "wandb"))
+    env.update({key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)})
     return {"env_vars": env}
 
 
@@ -87,17 +90,26 @@ class Prepared:
 
 
 def prepare(config: Config, source: str, data_path: str, model_path: str, reference_path: str,
-            pad_token_id: int) -> tuple[str, dict]:
-    """Data and reference stages for one source (train or eval): the scored Parquet file and its
-    counts; the rejected rows are copied to <run>/rejected/<source>-part-N.parquet."""
-    r = config.reference
+            pad_token_id: int) -> tuple[str, dict, str]:
+    """The data stage for one source (train or eval), then the reference stage on its examples:
+    (scored Parquet file, counts, the data stage's cache folder). The rejected rows are copied to
+    <run>/rejected/<source>-part-N.parquet."""
     folder, counts = examine(config, data_path, model_path)
     for part in sorted(glob.glob(os.path.join(counts["rejected_dir"], "*.parquet"))):
         os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
         shutil.copyfile(part, os.path.join(config.run_dir, "rejected", f"{source}-{os.path.basename(part)}"))
     check_counts(config, counts, data_path)
-    scored_path = os.path.join(folder, "scored-" + fingerprint(
-        [], [reference_path], {"backend": r.backend, "dtype": r.dtype}) + ".parquet")
+    scored_path, cache_hit = score(config, os.path.join(folder, "examples"), counts["longest_sequence"],
+                                   reference_path, pad_token_id)
+    return scored_path, {**counts, "fingerprint": os.path.basename(folder), "reference_cache_hit": cache_hit}, folder
+
+
+def score(config: Config, examples_dir: str, longest_sequence: int, reference_path: str,
+          pad_token_id: int) -> tuple[str, bool]:
+    """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached)."""
+    r = config.reference
+    scored_path = f"{examples_dir}-scored-" + fingerprint(
+        [], [reference_path], {"backend": r.backend, "dtype": r.dtype}) + ".parquet"
     cache_hit = os.path.exists(scored_path)
     if not cache_hit:
         options = ScoringOptions(dtype=r.dtype, max_tokens_per_batch=r.max_tokens_per_batch,
@@ -105,11 +117,11 @@ def prepare(config: Config, source: str, data_path: str, model_path: str, refere
                                  tensor_parallel_size=r.tensor_parallel_size,
                                  gpu_memory_utilization=r.gpu_memory_utilization,
                                  cache_root=os.path.join(r.cache_dir, "vllm"))
-        score_examples(os.path.join(folder, "examples"), scored_path, counts["longest_sequence"], backend=r.backend,
+        score_examples(examples_dir, scored_path, longest_sequence, backend=r.backend,
                        reference_path=reference_path, pad_token_id=pad_token_id, num_replicas=r.num_replicas,
                        num_cpus_per_replica=r.num_cpus_per_replica, num_gpus_per_replica=r.num_gpus_per_replica,
                        options=options)
-    return scored_path, {**counts, "fingerprint": os.path.basename(folder), "reference_cache_hit": cache_hit}
+    return scored_path, cache_hit
 
 
 def precompute(config: Config) -> Prepared:
@@ -124,12 +136,19 @@ def precompute(config: Config) -> Prepared:
 
         ensure_demo_data(config.data.path, config.eval.path, tokenizer)
     start_ray(config)
-    scored_path, counts = prepare(config, "train", config.data.path, model_path, reference_path,
-                                  tokenizer.pad_token_id)
+    scored_path, counts, folder = prepare(config, "train", config.data.path, model_path, reference_path,
+                                          tokenizer.pad_token_id)
     prepared = Prepared(model_path, reference_path, tokenizer, scored_path, counts)
     if config.eval.path:
-        prepared.eval_scored_path, prepared.eval_counts = prepare(config, "eval", config.eval.path, model_path,
-                                                                  reference_path, tokenizer.pad_token_id)
+        prepared.eval_scored_path, prepared.eval_counts, _ = prepare(config, "eval", config.eval.path, model_path,
+                                                                     reference_path, tokenizer.pad_token_id)
+    elif config.eval.split_fraction:
+        held_out = counts["held_out_counts"]
+        prepared.eval_scored_path, cache_hit = score(config, os.path.join(folder, "held_out"),
+                                                     held_out["longest_sequence"], reference_path,
+                                                     tokenizer.pad_token_id)
+        prepared.eval_counts = {**held_out, "split_fraction": config.eval.split_fraction,
+                                "reference_cache_hit": cache_hit}
     return prepared
 
 
@@ -254,6 +273,7 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
         "run_dir": config.run_dir, "model_path": prepared.model_path,
         "scored_path": prepared.scored_path, "eval_scored_path": prepared.eval_scored_path,
         "eval_steps": config.eval.eval_steps, "report_to": config.output.report_to, "schedule_path": schedule_path,
+        "run_name": config.output.run_name, "params": config.to_dict(),
         "seed": t.seed, "use_gpu": s.use_gpu,
         "trust_remote_code": config.model.trust_remote_code, "strategy": s.strategy,
         "deepspeed": dataclasses.asdict(config.deepspeed), "lora": dataclasses.asdict(config.lora),
@@ -300,6 +320,10 @@ def train(config: Config) -> dict:
     started = time.time()
     run_dir = config.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    missing = missing_reporters(config.output.report_to)
+    if missing:
+        raise ConfigError(f"output.report_to = {config.output.report_to} needs {', '.join(missing)}: "
+                          f"pip install {' '.join(missing)}, or leave them out of output.report_to")
     resumed = check_resumable(config)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -188,7 +188,11 @@ def eval_step(engine, eval_rows: MicroBatch, s: StepSettings) -> dict:
     update. accuracy: the share of rows whose implied reward falls on their label's side of z0."""
     # (no scheduled micro-batches here: the eval set is one batch, grouped under a token budget)
     budget = dataclasses.replace(s, max_tokens_per_forward=s.max_tokens_per_forward or 4096)
-    metrics = _kto_pass(engine, [eval_rows], budget, backward=False)
+    engine.module.eval()  # lora.dropout, the one dropout training may keep, stays out of held-out numbers
+    try:
+        metrics = _kto_pass(engine, [eval_rows], budget, backward=False)
+    finally:
+        engine.module.train()
     return {f"eval/{name}": metrics[name] for name in (
         "loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins", "accuracy",
         "examples")}
@@ -207,7 +211,7 @@ def with_adapters(model: torch.nn.Module, lora: dict, adapter_path: Optional[str
 
     if adapter_path:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
 
 
@@ -301,8 +305,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as folder:
-        engine, start_step, history = _start(config, folder, total_steps, device)
-    log = MetricsLog(config["run_dir"], history, start_step, config["report_to"]) if rank == 0 else None
+        engine, start_step, history, tracking_ids = _start(config, folder, total_steps, device)
+    log = None
+    if rank == 0:
+        log = MetricsLog(config["run_dir"], history, start_step, config["report_to"], config["run_name"],
+                         config["params"], tracking_ids)
     if rank == 0 and start_step:
         print(f"resuming from the checkpoint of step {start_step} of {total_steps}", flush=True)
 
@@ -322,22 +329,25 @@ def train_loop_per_worker(config: dict) -> None:
         if log:
             log.write(history[-1], metrics)
         if done == total_steps or (config["save_steps"] and done % config["save_steps"] == 0):
-            _report_checkpoint(engine, config, done, history, metrics, rank, tokenizer)
+            _report_checkpoint(engine, config, done, history, metrics, rank, tokenizer,
+                               log.tracking_ids if log else {})
     if log:
         log.close()
 
 
 def _start(config: dict, folder: Optional[str], total_steps: int, device: torch.device):
-    """The engine, the first step to run and the metrics lines so far: fresh, or from a checkpoint."""
+    """The engine, the first step to run, the metrics lines so far and the MLflow / W&B run ids:
+    fresh, or from a checkpoint."""
     from pipeline.models import load_causal_lm
 
-    start_step, history = 0, []
+    start_step, history, tracking_ids = 0, [], {}
     if folder:
         state_path = os.path.join(folder, "trainer_state.json")
         if not os.path.exists(state_path):
             raise RuntimeError(f"checkpoint {folder} has no trainer_state.json: it was not completely written")
         with open(state_path) as f:
-            start_step = json.load(f)["step"]
+            state = json.load(f)
+        start_step, tracking_ids = state["step"], state.get("tracking_ids", {})
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             history = f.readlines()
         torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True))
@@ -351,24 +361,24 @@ def _start(config: dict, folder: Optional[str], total_steps: int, device: torch.
 
         zero3_loading = HfDeepSpeedConfig(ds_config)
     lora = config["lora"]
-    if lora["r"]:  # the base model, then the adapters: fresh, or the checkpoint's
-        model = with_adapters(load_causal_lm(config["model_path"], config["trust_remote_code"]), lora,
-                              os.path.join(folder, "model") if folder else None)
-    else:
-        model = load_causal_lm(os.path.join(folder, "model") if folder else config["model_path"],
-                               config["trust_remote_code"])
+    saved_model = os.path.join(folder, "model") if folder else None
+    # With LoRA: the base model, then the adapters (fresh, or the checkpoint's).
+    model = load_causal_lm(saved_model if saved_model and not lora["r"] else config["model_path"],
+                           config["trust_remote_code"])
+    disable_dropout(model)  # before the adapters: lora.dropout is the one dropout KTO training may keep
+    if lora["r"]:
+        model = with_adapters(model, lora, saved_model)
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not ds_config:
         model.to(device)  # (DeepSpeed places the model, or its partitions, itself)
     model.train()
-    disable_dropout(model)
     engine = build_engine(config, model, total_steps, ds_config)
     if zero3:
         engine.zero3_loading = zero3_loading
     if folder:
         engine.load(folder)
-    return engine, start_step, history
+    return engine, start_step, history, tracking_ids
 
 
 def _record_worker(run_dir: str, rank: int) -> None:
@@ -388,7 +398,7 @@ def _record_worker(run_dir: str, rank: int) -> None:
 
 
 def _report_checkpoint(engine, config: dict, step: int, history: list[str], metrics: dict, rank: int,
-                       tokenizer) -> None:
+                       tokenizer, tracking_ids: dict) -> None:
     """Every rank writes its part (DeepSpeed: its optimizer partition) into a folder of its own;
     Ray Train merges the parts into one checkpoint and registers it only when all have arrived."""
     import ray.train
@@ -402,6 +412,7 @@ def _report_checkpoint(engine, config: dict, step: int, history: list[str], metr
             with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
                 f.writelines(history)
             with open(os.path.join(folder, "trainer_state.json"), "w") as f:  # last: marks it complete
-                json.dump({"step": step, "world_size": world_size(), "strategy": config["strategy"]}, f)
+                json.dump({"step": step, "world_size": world_size(), "strategy": config["strategy"],
+                           "tracking_ids": tracking_ids}, f)
         checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)

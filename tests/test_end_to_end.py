@@ -21,7 +21,11 @@ def first_json(text: str) -> dict:
 
 
 @pytest.fixture
-def tiny_run(tmp_path, tiny_model):
+def tiny_run(tmp_path, tiny_model, monkeypatch):
+    # MLflow and W&B write to local stores only: a file store here, W&B's offline run folder.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     # Hive-style partitions, one bad row in each kind of problem, an extra column.
     data = tmp_path / "feedback"
     write_feedback(str(data / "date=2026-11-20" / "part-0.parquet"), rows=14, seed=1)
@@ -36,7 +40,9 @@ def tiny_run(tmp_path, tiny_model):
         "kto": {"max_length": 64, "max_prompt_length": 32, "desirable_weight": "auto"},
         "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 3, "save_steps": 2},
         "scaling": {"num_workers": 2},
-        "output": {"output_dir": str(tmp_path / "runs"), "run_name": "first"},
+        "eval": {"split_fraction": 0.25, "eval_steps": 2},
+        "output": {"output_dir": str(tmp_path / "runs"), "run_name": "first",
+                   "report_to": ["tensorboard", "mlflow", "wandb"]},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -62,16 +68,19 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
     assert model.num_parameters() > 0 and AutoTokenizer.from_pretrained(str(run / "model")).eos_token == "<eos>"
 
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3]
-    for metrics in lines:
-        assert set(METRIC_FIELDS) <= set(metrics)
-        assert metrics["examples"] == 8 and metrics["num_tokens"] > 0
-
     summary = json.loads((run / "summary.json").read_text())
     counts = summary["data"]
     assert counts["read"] == 29 and counts["rejected"] == 3
-    assert counts["read"] == counts["kept"] + counts["rejected"]
+    assert counts["read"] == counts["kept"] + counts["held_out"] + counts["rejected"] and counts["held_out"] >= 2
+    assert summary["eval_data"]["kept"] == counts["held_out"]  # the split's held-out rows are the eval set
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert [m["examples"] for m in lines] == [8, 8, min(8, counts["kept"] - 16)]
+    for metrics in lines:
+        assert set(METRIC_FIELDS) <= set(metrics) and metrics["num_tokens"] > 0
+    assert [m["step"] for m in lines if "eval/accuracy" in m] == [2, 3]  # every eval_steps and at the end
+    assert all(m["eval/examples"] == counts["held_out"] for m in lines if "eval/examples" in m)
     assert counts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
     assert counts["reference_cache_hit"] is True and summary["num_workers"] == 2  # scored by precompute
     assert counts["fingerprint"] == precomputed["data"]["fingerprint"]
@@ -88,6 +97,7 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
         events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in lines])
+    _check_mlflow_and_wandb(run, lines)
 
     report = launch("report", str(run))
     assert report.returncode == 0, report.stderr[-3000:]
@@ -106,6 +116,7 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert json.loads((run / "summary.json").read_text())["resumed"] is True
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]  # resumed: no step logged twice
+    _check_mlflow_and_wandb(run, lines)  # the same MLflow run continued, nothing logged twice
     # ... but not with another training config: that would mix two runs.
     changed = launch("train", "--config", config, "--set", "training.learning_rate=0.01")
     assert changed.returncode == 2 and "training.learning_rate = 0.001, now 0.01" in changed.stderr
@@ -117,9 +128,10 @@ def test_validate_prints_the_facts_and_fails_when_too_much_is_bad(tiny_run):
     result = launch("validate", "--config", config, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     facts = first_json(result.stdout)
-    assert (facts["read"], facts["kept"], facts["rejected"]) == (29, 26, 3) and facts["trainable"] is True
-    assert facts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
-    assert facts["desirable"] + facts["undesirable"] == 26 and facts["tokens_before_truncation"]["prompt"]["p50"] > 0
+    assert (facts["read"], facts["kept"] + facts["held_out"], facts["rejected"]) == (29, 26, 3)
+    assert facts["trainable"] is True and facts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
+    assert facts["desirable"] + facts["undesirable"] == facts["kept"]
+    assert facts["tokens_before_truncation"]["prompt"]["p50"] > 0
     n_d, n_u = facts["desirable"], facts["undesirable"]
     assert facts["weights"]["auto_desirable_weight"] == pytest.approx(n_u / n_d) and facts["weights"]["in_range"]
 
@@ -151,3 +163,44 @@ def _check_report(run, summary: dict) -> None:
     assert f"| step {final['step']} | {final['loss']:.4g} | {final['kl']:.4g} |" in markdown
     assert f"{summary['data']['read']} examples read, {summary['data']['kept']} kept" in markdown
     assert "![loss.png](loss.png)" in markdown
+
+
+def _check_mlflow_and_wandb(run, lines: list[dict]) -> None:
+    """Both trackers hold every step's metrics once, read back through their own formats."""
+    from mlflow.tracking import MlflowClient
+
+    ids = json.loads(next((run / "ray_train").rglob("trainer_state.json")).read_text())["tracking_ids"]
+    client = MlflowClient()
+    assert client.get_run(ids["mlflow"]).data.params["kto.beta"] == "0.1"
+    for name in ("loss", "eval/accuracy"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], name))
+        assert history == [(m["step"], pytest.approx(m[name])) for m in lines if name in m], name
+    logged = [item for path in sorted(run.glob(f"wandb/offline-run-*-{ids['wandb']}/run-*.wandb"))
+              for item in _wandb_history(path)]
+    assert [item["_step"] for item in logged] == [1, 2, 3]
+    assert [item["loss"] for item in logged] == pytest.approx([m["loss"] for m in lines])
+    assert logged[1]["eval/accuracy"] == pytest.approx(lines[1]["eval/accuracy"])
+
+
+def _wandb_history(path):
+    """The history rows of an offline W&B run file: a LevelDB-style log (32 KiB blocks of records
+    with 7-byte headers) of `Record` protobufs, after a 7-byte ':W&B' header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, payload = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        payload = chunk if kind in (1, 2) else payload + chunk  # full / first, or middle / last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "history":
+                yield {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}

@@ -3,6 +3,7 @@ files where present), read by Ray Data, tokenized by Ray tasks, paired on the st
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 
@@ -22,7 +23,7 @@ def run_stage(tmp_path, data: str, tokenizer: str, name: str = "out", **settings
     defaults = dict(tokenizer_path=tokenizer, max_length=64, max_prompt_length=32, kl_block_size=4)
     out = str(tmp_path / name)
     report = process_feedback(data, DataSettings(**{**defaults, **settings}), out)
-    assert report["read"] == report["kept"] + report["rejected"]
+    assert report["read"] == report["kept"] + report["held_out"] + report["rejected"]
     kept = pq.read_table(os.path.join(out, "examples")) if report["kept"] >= 2 else None
     parts = sorted(glob.glob(os.path.join(out, "rejected", "*.parquet")))
     rejected = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive") if parts else None
@@ -77,6 +78,37 @@ def test_paired_rows_become_two_examples_sharing_a_pair_id(tmp_path, tiny_model,
     for i, kl_completion in enumerate(kept.column("kl_completion_ids").to_pylist()):
         partner = completions.index(kl_completion)
         assert partner != i and prompts[partner] != prompts[i]
+
+
+def test_a_held_out_fraction_splits_by_prompt_the_same_way_every_time(tmp_path, tiny_model, ray_local):
+    n = 300
+    table = pa.table({"prompt": [f"question number {i}?" for i in range(n)],
+                      "chosen": [f"good answer {i}." for i in range(n)], "rejected": [f"bad answer {i}." for i in range(n)]})
+    pq.write_table(table, str(tmp_path / "pairs.parquet"))
+
+    def split(fraction: float) -> tuple[dict, pa.Table, pa.Table]:
+        report, kept, _ = run_stage(tmp_path, str(tmp_path / "pairs.parquet"), tiny_model, name=f"split-{fraction}",
+                                    held_out_fraction=fraction)
+        return report, kept, pq.read_table(str(tmp_path / f"split-{fraction}" / "held_out"))
+
+    report, train, held_out = split(0.2)
+    assert report["read"] == 2 * n and report["held_out"] == held_out.num_rows == report["held_out_counts"]["kept"]
+    assert report["kept"] == train.num_rows and report["held_out_counts"]["desirable"] == held_out.num_rows // 2
+    # Independently: a prompt is held out when the blake2b hash of its text, as a fraction of 2^64, is below 0.2.
+    expected = {i for i in range(n) if int.from_bytes(hashlib.blake2b(
+        f"question number {i}?".encode(), digest_size=8).digest(), "little") / 2 ** 64 < 0.2}
+    held_rows = held_out.column("source_row").to_pylist()
+    assert sorted(set(held_rows)) == sorted(expected) and sorted(held_rows) == sorted(2 * list(expected))
+    assert not set(held_rows) & set(train.column("source_row").to_pylist())  # both answers of a prompt: one side
+    assert 0.12 < len(expected) / n < 0.28
+    # Each side pairs within itself: no held-out completion is a training row's KL completion, or back.
+    for side in (train, held_out):
+        completions = set(map(tuple, side.column("completion_ids").to_pylist()))
+        assert all(tuple(kl) in completions for kl in side.column("kl_completion_ids").to_pylist())
+        assert side.column("row_index").to_pylist() == list(range(side.num_rows))
+    # A larger fraction only moves more prompts out of training: the eval set grows, never reshuffles.
+    _, _, larger = split(0.3)
+    assert set(held_rows) < set(larger.column("source_row").to_pylist())
 
 
 def test_conversational_rows_are_rendered_once_with_the_chat_template(tmp_path, tiny_model, ray_local):
