@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/python launch.py train
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 # Side by side with TRL's KTOTrainer (TRL is a benchmark-only dependency): about 30 minutes on 2 cores.
 bench-trl: setup

@@ -7,6 +7,9 @@
     python launch.py status|logs|stop JOB_ID --address http://HEAD:8265
     python launch.py config show [--config ...] [--set ...]   # every key, its value and where it came from
     python launch.py report RUN_DIR   # PNG plots and a Markdown summary in RUN_DIR/report/
+    python launch.py retrain [--config ...] [--set ...]   # one retraining cycle over new feedback partitions
+    python launch.py schedule --cron "0 3 * * *" [--config ...] [--set ...]   # retrain at each cron time
+    python launch.py history [--config ...] [--json]   # the retraining ledger as a table
 """
 
 import argparse
@@ -65,7 +68,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "(default, the config file, --set)",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     config.add_argument("action", choices=["show"])
-    for command in (train, precompute, validate, config):
+    retrain = commands.add_parser(
+        "retrain", help="one retraining cycle: train the promoted model on feedback partitions no promoted cycle "
+                        "has consumed, gate it on held-out data, promote it, record it in the ledger; exit 75 "
+                        "when another cycle holds the lock", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    schedule = commands.add_parser("schedule", help="run `retrain` at each time of a cron expression, one cycle at "
+                                                    "a time, until SIGTERM",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    schedule.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (03:00 daily); a sixth "
+                                                        "field counts seconds")
+    history = commands.add_parser("history", help="the retraining ledger: one line a cycle",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    history.add_argument("--json", action="store_true", help="print the ledger's rows as JSON")
+    for command in (train, precompute, validate, config, retrain, schedule, history):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (repeatable), e.g. --set kto.beta=0.2")
@@ -119,6 +134,29 @@ def main(argv=None) -> int:
             prepared = precompute(config)
             print(json.dumps({"scored": prepared.scored_path, "data": prepared.counts,
                               "eval_data": prepared.eval_counts}, indent=2))
+        elif args.command == "retrain":
+            from pipeline.registry import LockHeld
+            from pipeline.retrain import Interrupted, retrain
+
+            try:
+                cycle = retrain(config)
+            except LockHeld as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 75  # EX_TEMPFAIL: try again later
+            except Interrupted:
+                print("stopped by SIGTERM: the cycle is recorded as failed, its partitions stay unconsumed",
+                      file=sys.stderr)
+                return 143
+            print(json.dumps(cycle, indent=2))
+        elif args.command == "schedule":
+            from pipeline.schedule import retrain_command, run_schedule
+
+            return run_schedule(args.cron, retrain_command(os.path.abspath(__file__), args.config, overrides))
+        elif args.command == "history":
+            from pipeline.retrain import history_table, ledger_path, read_history
+
+            cycles = read_history(ledger_path(config))
+            print(json.dumps(cycles, indent=2) if args.json else history_table(cycles))
         elif args.command == "validate":
             from pipeline.run import validate_data
 

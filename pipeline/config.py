@@ -155,6 +155,20 @@ class OutputConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """`launch.py retrain` / `schedule`: recurring cycles over a folder that new feedback arrives in."""
+    feedback_root: str = "data/feedback"  # partitions: each file or folder (e.g. date=2026-11-26/) directly under it
+    registry_dir: str = "registry"  # ledger.sqlite, the lock, cycles/, and `current` -> the promoted model
+    min_new_rows: int = 1  # fewer new input rows than this: the cycle records a skip
+    replay_fraction: float = 0.0  # also train on this x new rows sampled from consumed partitions (Parquet)
+    reference: str = "base"  # base: the configured model, a fixed anchor | start: the model the cycle starts from
+    gate_accuracy_tolerance: float = 0.0  # promote if held-out accuracy >= the promoted model's - this
+    gate_max_kl: float = 10.0  # ... and its drift |mean log pi/pi_ref| on the held-out KL pairs <= this (nats)
+    keep_models: int = 5  # candidate model folders kept (the promoted one always); ledger rows are never deleted
+    lock_stale_after_s: float = 600.0  # a lock whose heartbeat is older than this is taken over
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,6 +180,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     @property
     def run_dir(self) -> str:
@@ -325,5 +340,14 @@ def validate(c: Config) -> None:
     _check(ds.zero_stage in (1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "1 | 2 | 3")
     _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
            "true only with deepspeed.zero_stage 3 (stages 1 and 2 keep whole parameters on every worker)")
+    rt = c.retrain
+    _check(rt.min_new_rows >= 1, "retrain.min_new_rows", rt.min_new_rows, ">= 1")
+    _check(0 <= rt.replay_fraction <= 10, "retrain.replay_fraction", rt.replay_fraction, "in [0, 10] (x new rows)")
+    _check(rt.reference in ("base", "start"), "retrain.reference", rt.reference, "base | start")
+    _check(0 <= rt.gate_accuracy_tolerance <= 1, "retrain.gate_accuracy_tolerance", rt.gate_accuracy_tolerance,
+           "in [0, 1]")
+    _check(rt.gate_max_kl > 0, "retrain.gate_max_kl", rt.gate_max_kl, "> 0 (nats)")
+    _check(rt.keep_models >= 1, "retrain.keep_models", rt.keep_models, ">= 1")
+    _check(rt.lock_stale_after_s > 0, "retrain.lock_stale_after_s", rt.lock_stale_after_s, "> 0 (seconds)")
     _check(bool(c.output.run_name) and "/" not in c.output.run_name, "output.run_name", c.output.run_name,
            "a non-empty name without '/'")

@@ -60,7 +60,7 @@ def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
         start_ray(load_config(None, (f"reference.num_replicas={available + 1}",)))
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(CONFIGS)))
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.endswith(".yaml")))
 def test_every_shipped_config_loads_and_validates(name):
     config = load_config(os.path.join(CONFIGS, name))
     assert config.scaling.num_workers >= 1
@@ -78,3 +78,27 @@ def test_config_show_names_the_source_of_every_value(tmp_path):
     assert lines["training.learning_rate"] == "1e-06  # --set"
     assert lines["kto.max_length"] == "1024  # default"
     assert len(lines) == sum(len(section) for section in load_config(None).to_dict().values())
+
+
+def test_the_kuberay_manifest_runs_a_retrain_cycle_with_a_shipped_config():
+    import shlex
+
+    import yaml
+    from croniter import croniter
+
+    from launch import parse_args
+
+    with open(os.path.join(CONFIGS, "kuberay", "raycronjob-retrain.yaml")) as f:
+        manifest = yaml.safe_load(f)
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCronJob")
+    assert croniter.is_valid(manifest["spec"]["schedule"])
+    job = manifest["spec"]["jobTemplate"]
+    args = parse_args(shlex.split(job["entrypoint"])[2:])  # python /app/launch.py <args>
+    assert args.command == "retrain" and args.address == "auto"
+    config = load_config(os.path.join(CONFIGS, os.path.relpath(args.config, "/app/configs")))
+    assert config.retrain.registry_dir.startswith("/mnt/kto/")
+    mounts = [m["mountPath"] for group in [job["rayClusterSpec"]["headGroupSpec"],
+                                          *job["rayClusterSpec"]["workerGroupSpecs"]]
+              for c in group["template"]["spec"]["containers"] for m in c["volumeMounts"]]
+    assert mounts == ["/mnt/kto", "/mnt/kto"]  # the registry and the feedback are on every node
+
