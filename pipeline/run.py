@@ -264,8 +264,6 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
     """The Ray Train run over the scheduled steps (resumed where checkpoints exist); copies the last
     checkpoint's model and metrics into the run directory; returns the wall time in seconds."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from pipeline.train import train_loop_per_worker
 
     s, t = config.scaling, config.training
@@ -288,7 +286,7 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
                           "max_tokens_per_forward": t.max_tokens_per_forward},
     }
     _, folder, storage_path = checkpoint_storage(config)
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class(embedded=not s.address)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -312,6 +310,26 @@ def fit(config: Config, prepared: Prepared, desirable_weight: float, schedule_pa
             open(os.path.join(config.run_dir, "metrics.jsonl"), "wb") as target:
         target.write(source.read())
     return elapsed
+
+
+def torch_trainer_class(embedded: bool):
+    """Ray Train's TorchTrainer; on the embedded Ray, without its PlacementGroupCleaner. In Ray 2.60
+    that helper's stop() joins a monitor thread that cannot exit before the join times out, which
+    adds 12 s to the end of every run (measured here on every fit; upstream ray-project/ray#62516,
+    #65447). It only matters when a controller dies while the cluster lives on, which an embedded
+    Ray, ending with this process, does not: on a cluster it stays."""
+    from ray.train.torch import TorchTrainer
+
+    if not embedded:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer
 
 
 def train(config: Config) -> dict:
