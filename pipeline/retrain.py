@@ -26,7 +26,7 @@ from pipeline.models import resolve_model_path
 from pipeline.registry import RetrainLock, discover_partitions, point_current
 
 log = logging.getLogger("kto")
-CHANCE = 0.5  # the accuracy baseline when the reference is the start model itself (its rewards are all 0)
+CHANCE = 0.5  # the accuracy baseline when the start model is its own reference (its rewards are all 0)
 
 
 def ledger_path(config: Config) -> str:
@@ -94,8 +94,8 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
         summary = train(cycle_config)
         trained = time.time()
         model_path = os.path.join(run_dir, "merged" if config.lora.r else "model")
-        verdict = gate(summary["eval_before"], summary["eval_after"], rt.reference, rt.gate_accuracy_tolerance,
-                       rt.gate_max_kl)
+        verdict = gate(summary["eval_before"], summary["eval_after"], start == reference,
+                       rt.gate_accuracy_tolerance, rt.gate_max_kl)
         metrics = {"before": summary["eval_before"], "after": summary["eval_after"], "gate": verdict,
                    "final_train": {k: summary["final_metrics"].get(k) for k in ("loss", "kl", "rewards/margins")}}
         timings = {"train_s": round(trained - started, 1), "total_s": round(time.time() - started, 1)}
@@ -123,21 +123,23 @@ def _raise_interrupted(signum, frame):
     raise Interrupted("stopped by SIGTERM")
 
 
-def gate(before: dict, after: dict, reference: str, tolerance: float, max_kl: float) -> dict:
+def gate(before: dict, after: dict, self_referenced: bool, tolerance: float, max_kl: float) -> dict:
     """Promote only a candidate whose held-out implied-reward accuracy is not below the promoted
     model's minus `tolerance`, and whose drift from the reference is at most `max_kl` nats.
 
-    Drift is |the mean log-ratio log pi/pi_ref over the held-out KL pairs| (KTO's z0 before its
-    clamp at 0): large either way means the policy has moved far from the reference, and unlike
-    the clamped z0 it does not read 0 for a policy that has crushed what the reference liked.
-    With reference: start the promoted model is its own reference and all its rewards are 0, so
-    the accuracy baseline is chance."""
-    baseline = CHANCE if reference == "start" else before["accuracy"]
+    When the promoted model is itself the reference (the first cycle, or every cycle with
+    reference: start) all its implied rewards are 0 and its accuracy is meaningless (0 by the
+    strict inequalities), so the baseline is chance. Drift is |the mean log-ratio log pi/pi_ref
+    over the held-out KL pairs| (KTO's z0 before its clamp at 0): large either way means the policy
+    has moved far from the reference, and unlike the clamped z0 it does not read 0 for a policy
+    that has crushed what the reference liked."""
+    baseline = CHANCE if self_referenced else before["accuracy"]
     drift = abs(after["kl_unclamped"])
     reasons = []
     if after["accuracy"] < baseline - tolerance:
-        reasons.append(f"held-out accuracy {after['accuracy']:.4f} < {baseline:.4f} (the promoted model's) - "
-                       f"{tolerance:g} (retrain.gate_accuracy_tolerance)")
+        reasons.append(f"held-out accuracy {after['accuracy']:.4f} < {baseline:.4f} (the promoted model's"
+                       f"{', chance: it is its own reference' if self_referenced else ''}) - {tolerance:g} "
+                       "(retrain.gate_accuracy_tolerance)")
     if drift > max_kl:
         reasons.append(f"KL drift from the reference {drift:.4g} nats > retrain.gate_max_kl = {max_kl:g}")
     return {"passed": not reasons, "baseline_accuracy": baseline, "accuracy": after["accuracy"], "kl_drift": drift,

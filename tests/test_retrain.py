@@ -170,15 +170,15 @@ def test_schedule_runs_cycles_at_cron_times_and_stops_on_sigterm(registry):
 
 def test_the_gate_compares_with_the_promoted_model_and_bounds_the_drift():
     before = {"accuracy": 0.75}
-    passed = gate(before, {"accuracy": 0.70, "kl": 0.0, "kl_unclamped": -2.0}, "base", 0.05, 3.0)
+    passed = gate(before, {"accuracy": 0.70, "kl": 0.0, "kl_unclamped": -2.0}, False, 0.05, 3.0)
     assert passed["passed"] and passed["baseline_accuracy"] == 0.75 and passed["kl_drift"] == 2.0
-    worse = gate(before, {"accuracy": 0.69, "kl": 0.0, "kl_unclamped": 0.5}, "base", 0.05, 3.0)
+    worse = gate(before, {"accuracy": 0.69, "kl": 0.0, "kl_unclamped": 0.5}, False, 0.05, 3.0)
     assert not worse["passed"] and "accuracy 0.6900 < 0.7500" in worse["reason"]
-    drifted = gate(before, {"accuracy": 0.9, "kl": 0.0, "kl_unclamped": -3.5}, "base", 0.05, 3.0)
+    drifted = gate(before, {"accuracy": 0.9, "kl": 0.0, "kl_unclamped": -3.5}, False, 0.05, 3.0)
     assert not drifted["passed"] and "3.5 nats > retrain.gate_max_kl = 3" in drifted["reason"]
-    # reference: start -- the promoted model is its own reference; chance is the baseline.
-    assert gate({"accuracy": 0.0}, {"accuracy": 0.5, "kl_unclamped": 0.1}, "start", 0.0, 3.0)["passed"]
-    assert not gate({"accuracy": 0.0}, {"accuracy": 0.4, "kl_unclamped": 0.1}, "start", 0.0, 3.0)["passed"]
+    # The promoted model as its own reference (first cycle; reference: start): chance is the baseline.
+    assert gate({"accuracy": 0.0}, {"accuracy": 0.5, "kl_unclamped": 0.1}, True, 0.0, 3.0)["passed"]
+    assert not gate({"accuracy": 0.0}, {"accuracy": 0.4, "kl_unclamped": 0.1}, True, 0.0, 3.0)["passed"]
 
 
 def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_or_silent_one(tmp_path):
