@@ -179,13 +179,14 @@ def main(argv=None) -> int:
 def job_command(args: argparse.Namespace) -> int:
     from pipeline import jobs
     from pipeline.config import ConfigError, load_config
+    from pipeline.reporting import TRACKERS
 
     try:
         if args.command != "submit":
             extra = [args.follow] if args.command == "logs" else []
             return getattr(jobs, args.command)(args.address, args.job_id, *extra)
         config = load_config(args.config, tuple(args.overrides))  # errors here, not minutes later in the job
-        trackers = [name for name in config.output.report_to if name in ("mlflow", "wandb")]  # pyproject extras
+        trackers = [name for name in config.output.report_to if name in TRACKERS]  # their pyproject extras
         return jobs.submit(args.address, args.config, args.overrides, args.working_dir or jobs.PROJECT_ROOT,
                            args.install_requirements, args.follow, trackers)
     except (ConfigError, FileNotFoundError) as error:

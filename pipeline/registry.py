@@ -70,7 +70,7 @@ def discover_partitions(root: str) -> list[Partition]:
         else:
             files = [path] if name.endswith(FEEDBACK_SUFFIXES) else []
         if files:
-            stats = [(os.path.relpath(f, path), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+            stats = [(os.path.relpath(f, path), stat.st_size, stat.st_mtime_ns) for f in files for stat in [os.stat(f)]]
             signature = hashlib.blake2b(repr(stats).encode(), digest_size=16).hexdigest()
             partitions.append(Partition(name, path, tuple(files), signature))
     return partitions

@@ -16,6 +16,7 @@ import numbers
 import os
 
 REPORTERS = ("tensorboard", "mlflow", "wandb")
+TRACKERS = ("mlflow", "wandb")  # reporters that are pyproject extras, configured by their own variables
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}
 PROJECT = "ray-kto"  # the MLflow experiment and W&B project when their variables name none
 

@@ -231,7 +231,11 @@ def _prune(ledger: Ledger, keep: int) -> None:
 
 
 def _row(ledger: Ledger, cycle_id: int) -> dict:
-    row = next(c for c in ledger.cycles() if c["id"] == cycle_id)
+    return _decoded(next(c for c in ledger.cycles() if c["id"] == cycle_id))
+
+
+def _decoded(row: dict) -> dict:
+    """A ledger row with its JSON columns parsed."""
     return {**row, **{k: json.loads(row[k]) for k in ("partitions", "changed", "metrics", "timings") if row[k]}}
 
 
@@ -240,7 +244,7 @@ def read_history(path: str) -> list[dict]:
         raise FileNotFoundError(f"no ledger at {path}: no retrain cycle has run with this retrain.registry_dir")
     ledger = Ledger(path)
     try:
-        return [_row(ledger, cycle["id"]) for cycle in ledger.cycles()]
+        return [_decoded(cycle) for cycle in ledger.cycles()]
     finally:
         ledger.close()
 

@@ -26,7 +26,7 @@ from pipeline.pairing import build_schedule
 from pipeline.progress import StepProgress
 from pipeline.drift import DriftError, sample_rows, step0_drift
 from pipeline.models import load_causal_lm, load_tokenizer, load_trained, resolve_model_path
-from pipeline.reporting import missing_reporters, read_metrics
+from pipeline.reporting import TRACKERS, missing_reporters, read_metrics
 from pipeline.scoring import fingerprint, score_examples
 
 log = logging.getLogger("kto")
@@ -39,7 +39,7 @@ def runtime_env(config: Config) -> dict:
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not config.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    prefixes = tuple(f"{name.upper()}_" for name in config.output.report_to if name in ("mlflow", "wandb"))
+    prefixes = tuple(f"{name.upper()}_" for name in config.output.report_to if name in TRACKERS)
     env.update({key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)})
     return {"env_vars": env}
 
