@@ -13,6 +13,7 @@
 """
 
 import argparse
+import enum
 import json
 import logging
 import os
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     submit.add_argument("--no-requirements", dest="install_requirements", action="store_false",
                         help="do not install the project's requirements in the job's environment "
                              "(the cluster's image already has them)")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                        help="one more pip requirement for the job's environment (repeatable): a name, a "
+                             "version specifier, or the path of a wheel that the cluster can read")
     job_commands = []
     for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's logs"),
                        ("stop", "stop a submitted job")):
@@ -91,95 +95,144 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Exit(enum.IntEnum):
+    """launch.py's exit codes (the README lists them)."""
+    OK = 0
+    NOT_TRAINABLE = 1  # validate: the data cannot train; submit --follow / logs --follow: the job did not succeed
+    BAD_INPUT = 2  # a config, data, drift or job-command error; the message on stderr says what to change
+    TRAINING_FAILED = 3  # a worker kept failing after scaling.max_failures restarts; checkpoints are kept
+    LOCK_HELD = 75  # retrain: another cycle holds the registry's lock (EX_TEMPFAIL: try again later)
+    STOPPED = 143  # retrain: stopped by SIGTERM (128 + 15); the cycle is recorded as failed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.config import ConfigError, load_config
-    from pipeline.data import DataError
-    from pipeline.drift import DriftError
-    from ray.train import TrainingFailedError
+    from pipeline.config import ConfigError
+    from pipeline.data.formats import DataError
+    from pipeline.train.drift import DriftError
 
-    if args.command in ("submit", "status", "logs", "stop"):
-        return job_command(args)
-    if args.command == "report":
-        from pipeline.report import write_report
-
-        try:
-            print(f"report: {write_report(args.run_dir)}")
-        except FileNotFoundError as error:
-            print(f"error: {error} (is {args.run_dir} the directory of a finished run?)", file=sys.stderr)
-            return 2
-        return 0
     try:
-        overrides = list(args.overrides) + ([f"scaling.address={args.address}"] if args.address else [])
-        config = load_config(args.config, tuple(overrides))
-        if not args.verbose and args.command != "config":
-            from pipeline.progress import quiet_ray
-
-            quiet_ray()
-        if args.command == "config":
-            from pipeline.config import value_sources
-
-            sources = value_sources(args.config, tuple(overrides))
-            for section, values in config.to_dict().items():
-                for key, value in values.items():
-                    print(f"{section}.{key} = {json.dumps(value)}  # {sources[f'{section}.{key}']}")
-        elif args.command == "train":
-            from pipeline.run import train
-
-            print_summary(train(config), config.run_dir)
-        elif args.command == "precompute":
-            from pipeline.run import precompute
-
-            prepared = precompute(config)
-            print(json.dumps({"scored": prepared.scored_path, "data": prepared.counts,
-                              "eval_data": prepared.eval_counts}, indent=2))
-        elif args.command == "retrain":
-            from pipeline.registry import LockHeld
-            from pipeline.retrain import Interrupted, retrain
-
-            try:
-                cycle = retrain(config)
-            except LockHeld as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 75  # EX_TEMPFAIL: try again later
-            except Interrupted:
-                print("stopped by SIGTERM: the cycle is recorded as failed, its partitions stay unconsumed",
-                      file=sys.stderr)
-                return 143
-            print(json.dumps(cycle, indent=2))
-        elif args.command == "schedule":
-            from pipeline.schedule import retrain_command, run_schedule
-
-            return run_schedule(args.cron, retrain_command(os.path.abspath(__file__), args.config, overrides))
-        elif args.command == "history":
-            from pipeline.retrain import history_table, ledger_path, read_history
-
-            cycles = read_history(ledger_path(config))
-            print(json.dumps(cycles, indent=2) if args.json else history_table(cycles))
-        elif args.command == "validate":
-            from pipeline.run import validate_data
-
-            report = validate_data(config, args.data or config.data.path)
-            print(json.dumps(report, indent=2) if args.json else describe(report))
-            if not report["trainable"]:
-                print(f"error: {report['problem']}", file=sys.stderr)
-                return 1
+        return COMMANDS[args.command](args)
     except (ConfigError, DataError, DriftError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return Exit.BAD_INPUT
+
+
+def load(args: argparse.Namespace):
+    """The command's config: the file, then --set overrides (and --address), validated."""
+    from pipeline.config import load_config
+
+    config = load_config(args.config, overrides(args))
+    if not args.verbose:
+        from pipeline.console import quiet_ray
+
+        quiet_ray()
+    return config
+
+
+def overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.overrides) + ((f"scaling.address={args.address}",) if args.address else ())
+
+
+def train(args) -> int:
+    from ray.train import TrainingFailedError
+
+    from pipeline.run import train as run_train
+
+    config = load(args)
+    try:
+        summary = run_train(config)
     except TrainingFailedError as error:  # a worker kept failing: its traceback is in the error
         print(f"error: training failed (scaling.max_failures = {config.scaling.max_failures} restarts "
               f"allowed): {error}\nThe checkpoints so far are kept: run the same command again to continue "
               "from the latest one.", file=sys.stderr)
-        return 3
-    return 0
+        return Exit.TRAINING_FAILED
+    print_summary(summary, config.run_dir)
+    return Exit.OK
+
+
+def precompute(args) -> int:
+    from pipeline.stages import precompute as run_precompute
+
+    prepared = run_precompute(load(args))
+    print(json.dumps({"scored": prepared.scored_path, "data": prepared.counts, "eval_data": prepared.eval_counts},
+                     indent=2))
+    return Exit.OK
+
+
+def validate(args) -> int:
+    from pipeline.stages import validate_data
+
+    config = load(args)
+    report = validate_data(config, args.data or config.data.path)
+    print(json.dumps(report, indent=2) if args.json else describe(report))
+    if not report["trainable"]:
+        print(f"error: {report['problem']}", file=sys.stderr)
+        return Exit.NOT_TRAINABLE
+    return Exit.OK
+
+
+def config_show(args) -> int:
+    from pipeline.config import allowed_values, load_config, value_sources
+
+    config = load_config(args.config, overrides(args))
+    sources, choices = value_sources(args.config, overrides(args)), allowed_values()
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            allowed = f"; one of: {' | '.join(map(str, choices[name]))}" if name in choices else ""
+            print(f"{name} = {json.dumps(value)}  # {sources[name]}{allowed}")
+    return Exit.OK
+
+
+def report(args) -> int:
+    from pipeline.report import write_report
+
+    try:
+        print(f"report: {write_report(args.run_dir)}")
+    except FileNotFoundError as error:
+        print(f"error: {error} (is {args.run_dir} the directory of a finished run?)", file=sys.stderr)
+        return Exit.BAD_INPUT
+    return Exit.OK
+
+
+def retrain(args) -> int:
+    from pipeline.retrain.cycle import Interrupted, retrain as run_cycle
+    from pipeline.retrain.registry import LockHeld
+
+    try:
+        cycle = run_cycle(load(args))
+    except LockHeld as error:
+        print(f"error: {error}", file=sys.stderr)
+        return Exit.LOCK_HELD
+    except Interrupted:
+        print("stopped by SIGTERM: the cycle is recorded as failed, its partitions stay unconsumed", file=sys.stderr)
+        return Exit.STOPPED
+    print(json.dumps(cycle, indent=2))
+    return Exit.OK
+
+
+def schedule(args) -> int:
+    from pipeline.retrain.cron import retrain_command, run_schedule
+
+    load(args)  # errors now, not at the first fire time
+    return run_schedule(args.cron, retrain_command(os.path.abspath(__file__), args.config, list(overrides(args))))
+
+
+def history(args) -> int:
+    from pipeline.retrain.cycle import history_table, ledger_path, read_history
+
+    cycles = read_history(ledger_path(load(args)))
+    print(json.dumps(cycles, indent=2) if args.json else history_table(cycles))
+    return Exit.OK
 
 
 def job_command(args: argparse.Namespace) -> int:
+    """submit, status, logs, stop: the Ray Jobs API."""
     from pipeline import jobs
-    from pipeline.config import ConfigError, load_config
-    from pipeline.reporting import TRACKERS
+    from pipeline.config import load_config
+    from pipeline.train.trackers import TRACKERS
 
     try:
         if args.command != "submit":
@@ -188,14 +241,17 @@ def job_command(args: argparse.Namespace) -> int:
         config = load_config(args.config, tuple(args.overrides))  # errors here, not minutes later in the job
         trackers = [name for name in config.output.report_to if name in TRACKERS]  # their pyproject extras
         return jobs.submit(args.address, args.config, args.overrides, args.working_dir or jobs.PROJECT_ROOT,
-                           args.install_requirements, args.follow, trackers)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+                           args.install_requirements, args.follow, trackers, args.pip)
     except (ConnectionError, RuntimeError) as error:  # what the Jobs client raises: no cluster, no such job
         job = f"job {args.job_id}: " if args.command != "submit" else ""
         print(f"error: {job}{error} (Jobs API at {args.address})", file=sys.stderr)
-        return 2
+        return Exit.BAD_INPUT
+
+
+# The commands: parse_args names them, main calls one.
+COMMANDS = {"train": train, "precompute": precompute, "validate": validate, "config": config_show,
+            "report": report, "retrain": retrain, "schedule": schedule, "history": history,
+            "submit": job_command, "status": job_command, "logs": job_command, "stop": job_command}
 
 
 def describe(report: dict) -> str:

@@ -28,6 +28,14 @@ class ScoringOptions:
     max_model_len: int = 1024  # vllm: the longest sequence it will be sent
     cache_root: str = ".cache/vllm"  # vllm's own compile and kernel caches
 
+    @classmethod
+    def from_config(cls, config) -> "ScoringOptions":
+        """The options of a run's reference actors, from its `reference` and `model` sections."""
+        r = config.reference
+        return cls(dtype=r.dtype, max_tokens_per_batch=r.max_tokens_per_batch,
+                   trust_remote_code=config.model.trust_remote_code, tensor_parallel_size=r.tensor_parallel_size,
+                   gpu_memory_utilization=r.gpu_memory_utilization, cache_root=os.path.join(r.cache_dir, "vllm"))
+
 
 class HFBackend:
     """A transformers forward, float32 log-softmax, length-grouped batches under a token budget."""

@@ -38,7 +38,7 @@ def base_rows():
         return pq.read_table(HH_RLHF, columns=["prompt", "completion", "label"]), "hh-rlhf rows, repeated"
     import random
 
-    from pipeline.tiny import WORDS
+    from tests.tiny import WORDS
 
     rng = random.Random(0)
     say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
@@ -69,7 +69,7 @@ def measure(folder: str, tokenizer: str, out: str, object_store_mib: int) -> dic
     import psutil
     import ray
 
-    from pipeline.data import DataSettings, process_feedback
+    from pipeline.data.stage import DataSettings, process_feedback
     from pipeline.models import resolve_model_path
 
     tokenizer_path = resolve_model_path(tokenizer, os.path.join(ROOT, ".cache", "models"))

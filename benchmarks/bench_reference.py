@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from actors.reference import HFBackend, ScoringOptions, VLLMBackend  # noqa: E402
 from pipeline.logprobs import collate, sequence_logps  # noqa: E402
 from pipeline.models import load_tokenizer, resolve_model_path  # noqa: E402
-from pipeline.tiny import make_tiny_model  # noqa: E402
+from tests.tiny import make_tiny_model  # noqa: E402
 
 HH_RLHF = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.kto.parquet")
 

@@ -20,11 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipeline.demo_data import feedback_rows, qa_pairs  # noqa: E402
+from pipeline.data.demo import feedback_rows, qa_pairs  # noqa: E402
 from pipeline.logprobs import collate, sequence_logps  # noqa: E402
-from pipeline.models import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
-from pipeline.engines import PlainEngine
-from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step  # noqa: E402
+from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from pipeline.train.engines import PlainEngine, make_optimizer  # noqa: E402
+from pipeline.train.step import MicroBatch, StepSettings, train_step  # noqa: E402
 
 
 def micro_batch(tokenizer, rows: int) -> MicroBatch:

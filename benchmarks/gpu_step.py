@@ -85,7 +85,7 @@ def zero3_engine(model, optimizer, scheduler, batch_size: int):
     """`scaling.strategy: deepspeed` as the trainer builds it (ZeRO-3, bf16), in a one-process group."""
     import torch.distributed as dist
 
-    from pipeline.engines import DeepSpeedEngine, deepspeed_config
+    from pipeline.train.engines import DeepSpeedEngine, deepspeed_config
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("nccl" if device() == "cuda" else "gloo")
@@ -102,8 +102,9 @@ def run_ours(a, zero3: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.logprobs import collate, score_sequences
-    from pipeline.engines import PlainEngine
-    from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step
+    from pipeline.models import disable_dropout
+    from pipeline.train.engines import PlainEngine, make_optimizer
+    from pipeline.train.step import MicroBatch, StepSettings, train_step
 
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(random_weights(a)).to(device())  # as both sides load

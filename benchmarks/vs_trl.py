@@ -154,7 +154,7 @@ def main() -> None:
         return
 
     from pipeline.models import resolve_model_path
-    from pipeline.tiny import make_tiny_model
+    from tests.tiny import make_tiny_model
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:

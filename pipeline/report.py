@@ -7,7 +7,7 @@ import os
 
 import yaml
 
-from pipeline.reporting import read_metrics
+from pipeline.train.trackers import read_metrics
 
 # file, title, the metrics drawn in it
 PANELS = [
@@ -87,7 +87,7 @@ def summary_markdown(run_dir: str, steps: list[dict], plots: list[str]) -> str:
         if summary.get(name):
             facts = ", ".join(f"{key} {_number(value)}" for key, value in summary[name].items()
                               if key != "sample_generation")
-            lines += [f"Held-out check {name.split('_')[1]} training (driver): {facts}.", ""]
+            lines += [f"Held-out check {name.split('_')[1]} training: {facts}.", ""]
     lines += [f"![{file}]({file})" for file in plots]
     return "\n".join(lines) + "\n"
 

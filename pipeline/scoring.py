@@ -1,11 +1,8 @@
 """The reference stage: score every row and its KL pair once, on an actor pool, streaming the
 examples from Parquet into a Parquet cache keyed by a fingerprint of everything that changes
-the numbers.
+the numbers (pipeline/cache.py).
 """
 
-import glob
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import replace
@@ -16,25 +13,8 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.reference import ReferenceScorer, ScoringOptions
-from pipeline.progress import bar
-
-CACHE_FORMAT = 3  # bump when the cached columns or their meaning change
-
-
-def fingerprint(files: list[str], model_folders: list[str], settings: dict) -> str:
-    """sha256 of the input files (path, size, mtime), the model folders' config, tokenizer and
-    weight files, and the settings."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"format": CACHE_FORMAT, **settings}, sort_keys=True, default=str).encode())
-    for file in files:
-        stat = os.stat(file)
-        digest.update(f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    for folder in model_folders:
-        digest.update(folder.encode())
-        for name in sorted(glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "*.safetensors"))):
-            stat = os.stat(name)
-            digest.update(f"{os.path.basename(name)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
+from pipeline.cluster import use_ray_data_settings
+from pipeline.console import bar
 
 
 def score_examples(examples_dir: str, target: str, max_model_len: int, *, backend: str, reference_path: str,
@@ -45,7 +25,7 @@ def score_examples(examples_dir: str, target: str, max_model_len: int, *, backen
 
     Written then renamed: a crash mid-write never leaves a cache entry that looks complete.
     """
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the row check below
+    use_ray_data_settings()
     scored = ray.data.read_parquet(examples_dir).map_batches(
         ReferenceScorer,
         fn_constructor_kwargs=dict(backend=backend, model_path=reference_path, pad_token_id=pad_token_id,

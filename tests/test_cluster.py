@@ -1,20 +1,22 @@
-"""Beyond the embedded Ray: a simulated multi-node cluster (STRICT_SPREAD puts the two workers on
-different nodes, and the result equals the single-node one), and a real head on this machine that
-runs a training job submitted through the Ray Jobs API."""
+"""Beyond the embedded Ray: a simulated three-node cluster with a dashboard, to which `launch.py submit`
+sends the session's 2-worker reference run as a Ray job (the Jobs API, the working directory, a pip
+environment holding a local wheel) with STRICT_SPREAD placement; the workers land on different
+nodes and the result equals the single-node one."""
 
+import base64
+import hashlib
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import zipfile
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, train_and_load, write_feedback
+from conftest import launch_here, reference_overrides
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -23,88 +25,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
+def _probe_wheel(folder) -> str:
+    """A one-module pure-Python wheel, written by hand: what the job's pip environment installs."""
+    files = {"kto_probe/__init__.py": b"VERSION = '0.1'\n",
+             "kto_probe-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: kto-probe\nVersion: 0.1\n",
+             "kto_probe-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
+                                              b"Tag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + "kto_probe-0.1.dist-info/RECORD,,\n"
+    path = os.path.join(folder, "kto_probe-0.1-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr("kto_probe-0.1.dist-info/RECORD", record)
+    return path
 
 
-def _tiny_overrides(tmp_path, tiny_model, data, run_name) -> list[str]:
-    settings = {"model.name_or_path": tiny_model, "data.path": data, "data.generate_demo": False,
-                "data.kl_block_size": 4, "eval.path": None, "kto.max_length": 64, "kto.max_prompt_length": 32,
-                "kto.desirable_weight": 1.0,  # configs/default.yaml says auto; the in-process runs use 1.0
-                "training.learning_rate": 1e-4, "training.warmup_ratio": 0.0, "training.max_steps": 3,
-                "training.per_device_train_batch_size": 2, "scaling.num_workers": 2,
-                "output.output_dir": str(tmp_path / "runs"), "output.run_name": run_name,
-                "reference.cache_dir": str(tmp_path / "cache"), "model.cache_dir": str(tmp_path / "models")}
-    return [item for key, value in settings.items() for item in ("--set", f"{key}={'null' if value is None else value}")]
-
-
-def test_strict_spread_places_workers_on_different_nodes(tmp_path, tiny_model, ray_local):
+def test_a_job_on_a_three_node_cluster_spreads_its_workers_and_matches_one_node(
+        tmp_path, tiny_model, reference_data, reference_runs, monkeypatch):
     from ray.cluster_utils import Cluster
 
-    data = write_feedback(str(tmp_path / "data" / "feedback.parquet"), rows=10)
-    single_node_metrics, single_node_weights = train_and_load(tmp_path / "single", tiny_model, data, **{
-        "scaling.num_workers": 2, "training.per_device_train_batch_size": 2, "output.run_name": "single"})
-
-    # A head with 2 CPUs for the data stage and the reference actor, two nodes of 1 CPU each.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 2**20})
+    # Token authentication would need the same token on both sides; this head is bound to 127.0.0.1.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    dashboard = _free_port()
+    # A head with 2 CPUs for the job's driver, the data stage and the reference actor; two nodes of 1 CPU.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 150 * 2**20, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+        "dashboard_agent_listen_port": _free_port()})  # the session's Ray holds the default agent port
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
         cluster.wait_for_nodes()
-        result = launch("train", "--address", cluster.address, *_tiny_overrides(tmp_path, tiny_model, data, "spread"),
-                        "--set", "scaling.placement_strategy=STRICT_SPREAD")
+        settings = {**reference_overrides(reference_data, 2), "model.name_or_path": tiny_model,
+                    "data.generate_demo": False, "data.kl_block_size": 4, "kto.max_length": 64,
+                    "kto.max_prompt_length": 32, "kto.desirable_weight": 1.0, "training.learning_rate": 1e-4,
+                    "training.warmup_ratio": 0.0, "output.output_dir": str(tmp_path / "runs"),
+                    "output.run_name": "spread", "output.report_to": "[]", "scaling.placement_strategy": "STRICT_SPREAD",
+                    "reference.cache_dir": str(tmp_path / "cache"), "model.cache_dir": str(tmp_path / "models")}
+        overrides = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+        address = f"http://127.0.0.1:{dashboard}"
+        submitted = launch_here("submit", "--address", address, "--follow", "--no-requirements",
+                                "--pip", _probe_wheel(str(tmp_path)), *overrides)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+        assert f"job {job_id}: SUCCEEDED" in submitted.stdout
+        status = launch_here("status", job_id, "--address", address)
+        assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+        unknown = launch_here("status", "no-such-job", "--address", address)
+        assert unknown.returncode == 2 and "no-such-job" in unknown.stderr
+        # The job ran in a pip environment of its own that holds the wheel.
+        session = cluster.head_node.get_session_dir_path()
+        installed = [folder for folder, _, _ in os.walk(os.path.join(session, "runtime_resources"))
+                     if folder.endswith(os.path.join("site-packages", "kto_probe"))]
+        assert installed, f"no kto_probe package under {session}/runtime_resources"
     finally:
         cluster.shutdown()
-    assert result.returncode == 0, result.stderr[-3000:]
+
     run = tmp_path / "runs" / "spread"
     workers = json.loads((run / "workers.json").read_text())
     assert [w["rank"] for w in workers] == [0, 1] and workers[0]["node_id"] != workers[1]["node_id"]
-
+    single_node_metrics, single_node_weights, _, _ = reference_runs[2]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in metrics] == [m["loss"] for m in single_node_metrics]
     weights = load_file(str(run / "model" / "model.safetensors"))
     for name, tensor in single_node_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0)
-
-
-def test_submit_runs_a_training_job_on_a_real_head(tmp_path, tiny_model):
-    data = write_feedback(str(tmp_path / "data" / "feedback.parquet"), rows=10)
-    # Token authentication would need the same token on both sides; this head is bound to 127.0.0.1.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    dashboard = _free_port()
-    head = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={_free_port()}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         # (the agent's own port too: the session's embedded Ray already holds the default one)
-         f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--disable-usage-stats", "--block"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
-        while not _answers(f"{address}/api/version"):
-            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
-            time.sleep(1)
-        submitted = launch("submit", "--address", address, "--follow",
-                           *_tiny_overrides(tmp_path, tiny_model, data, "job"), env=env)
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
-        assert f"job {job_id}: SUCCEEDED" in submitted.stdout
-        status = launch("status", job_id, "--address", address, env=env)
-        assert status.returncode == 0 and "SUCCEEDED" in status.stdout
-        unknown = launch("status", "no-such-job", "--address", address, env=env)
-        assert unknown.returncode == 2 and "no-such-job" in unknown.stderr
-    finally:
-        # Stop this head only (its process group), not the Ray instances of other tests.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        os.killpg(head.pid, signal.SIGKILL)
-    run = tmp_path / "runs" / "job"
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert (run / "model" / "model.safetensors").is_file()

@@ -51,7 +51,7 @@ def test_invalid_values_name_key_and_value(override, message):
 
 
 def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
-    from pipeline.run import start_ray
+    from pipeline.cluster import start_ray
 
     available = int(ray_local.cluster_resources()["CPU"])
     with pytest.raises(ConfigError, match="would hang"):
@@ -67,17 +67,31 @@ def test_every_shipped_config_loads_and_validates(name):
 
 
 def test_config_show_names_the_source_of_every_value(tmp_path):
-    from conftest import launch
+    from conftest import launch_here
 
     path = tmp_path / "c.yaml"
     path.write_text("kto:\n  beta: 0.2\n")
-    shown = launch("config", "show", "--config", str(path), "--set", "training.learning_rate=1e-6")
+    shown = launch_here("config", "show", "--config", str(path), "--set", "training.learning_rate=1e-6")
     assert shown.returncode == 0, shown.stderr
     lines = dict(line.split(" = ", 1) for line in shown.stdout.splitlines())
     assert lines["kto.beta"] == f"0.2  # {path}"
     assert lines["training.learning_rate"] == "1e-06  # --set"
     assert lines["kto.max_length"] == "1024  # default"
+    # Allowed values are declared once, on the field: validation and this listing read them there.
+    assert lines["kto.loss_type"] == '"kto"  # default; one of: kto | apo_zero_unpaired | kto_logsigmoid'
+    assert lines["output.report_to"] == '["tensorboard"]  # default; one of: tensorboard | mlflow | wandb'
     assert len(lines) == sum(len(section) for section in load_config(None).to_dict().values())
+
+
+def test_the_config_crosses_the_ray_boundary_as_plain_values():
+    """Config.from_dict(config.to_dict()) is the same typed, validated config, for every shipped one."""
+    from pipeline.config import Config
+
+    for name in sorted(n for n in os.listdir(CONFIGS) if n.endswith(".yaml")):
+        config = load_config(os.path.join(CONFIGS, name))
+        assert Config.from_dict(config.to_dict()) == config, name
+    with pytest.raises(ConfigError, match="kto.beta = -1.0"):
+        Config.from_dict({**load_config(None).to_dict(), "kto": {"beta": -1.0}})
 
 
 def test_the_kuberay_manifest_runs_a_retrain_cycle_with_a_shipped_config():

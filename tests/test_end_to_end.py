@@ -1,5 +1,7 @@
-"""`launch.py precompute` and `train` end to end on a tiny random-init model: the run
-directory, the quarantine, the reference cache, and re-running the same run name."""
+"""`launch.py` end to end on a tiny random-init model: precompute, then `train` in a process of its
+own (its embedded Ray, the run directory, the quarantine, the reference cache, the trackers, the
+report), re-running the same run name, validate, clear errors; and the driver's memory, which must
+not grow with the model."""
 
 import json
 import os
@@ -9,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import launch, write_feedback
+from conftest import launch, launch_here, tokenizer_text, write_feedback
+
+pytestmark = pytest.mark.slow
 
 METRIC_FIELDS = ("step", "loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins",
                  "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "num_tokens", "examples")
@@ -20,13 +24,13 @@ def first_json(text: str) -> dict:
     return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
 
 
-@pytest.fixture
-def tiny_run(tmp_path, tiny_model, monkeypatch):
-    # MLflow and W&B write to local stores only: a file store here, W&B's offline run folder.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    # Hive-style partitions, one bad row in each kind of problem, an extra column.
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model, ray_local):
+    """A config file (hive partitions, one bad row of each kind, an extra column; the eval set split
+    off the data; a bfloat16 reference, so the trainers' step-0 drift check runs), `precompute` in
+    this process, then `train` as a user runs it: (config path, runs folder, precompute's output,
+    the first summary.json, train's stdout)."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     data = tmp_path / "feedback"
     write_feedback(str(data / "date=2026-11-20" / "part-0.parquet"), rows=14, seed=1)
     bad = pa.table({"prompt": ["fine prompt?", "", None], "completion": ["", "an answer.", "another."],
@@ -36,39 +40,38 @@ def tiny_run(tmp_path, tiny_model, monkeypatch):
     config = {
         "data": {"path": str(data), "kl_block_size": 4, "max_rejected_fraction": 0.2},
         "model": {"name_or_path": tiny_model, "cache_dir": str(tmp_path / "models")},
-        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "reference": {"cache_dir": str(tmp_path / "cache"), "dtype": "bfloat16", "drift_max_abs": 100.0},
         "kto": {"max_length": 64, "max_prompt_length": 32, "desirable_weight": "auto"},
         "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 3, "save_steps": 2},
         "scaling": {"num_workers": 2},
-        "eval": {"split_fraction": 0.25, "eval_steps": 2},
+        "eval": {"split_fraction": 0.25, "eval_steps": 2, "property_regex": "e", "max_new_tokens": 4},
         "output": {"output_dir": str(tmp_path / "runs"), "run_name": "first",
                    "report_to": ["tensorboard", "mlflow", "wandb"]},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    return str(path), tmp_path / "runs"
+    scored = launch_here("precompute", "--config", str(path))  # data + reference stages only
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    first = launch("train", "--config", str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())
+    return str(path), tmp_path / "runs", first_json(scored.stdout), summary, first.stdout
 
 
 def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run):
-    config, runs = tiny_run
-    scored = launch("precompute", "--config", config)  # data + reference stages only
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    precomputed = first_json(scored.stdout)
+    config, runs, precomputed, summary, stdout = tiny_run
     assert os.path.isfile(precomputed["scored"]) and precomputed["data"]["reference_cache_hit"] is False
-
-    first = launch("train", "--config", config)
-    assert first.returncode == 0, first.stderr[-3000:]
     run = runs / "first"
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl",
                  "summary.json", "config.yaml", "rejected/train-part-00000.parquet"):
         assert (run / name).is_file(), name
+    assert f"run directory: {run}" in stdout and "held-out  after training" in stdout
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
     assert model.num_parameters() > 0 and AutoTokenizer.from_pretrained(str(run / "model")).eos_token == "<eos>"
 
-    summary = json.loads((run / "summary.json").read_text())
     counts = summary["data"]
     assert counts["read"] == 29 and counts["rejected"] == 3
     assert counts["read"] == counts["kept"] + counts["held_out"] + counts["rejected"] and counts["held_out"] >= 2
@@ -81,6 +84,17 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
         assert set(METRIC_FIELDS) <= set(metrics) and metrics["num_tokens"] > 0
     assert [m["step"] for m in lines if "eval/accuracy" in m] == [2, 3]  # every eval_steps and at the end
     assert all(m["eval/examples"] == counts["held_out"] for m in lines if "eval/examples" in m)
+    # The held-out checks before and after training, from the workers: the last step's eval/
+    # numbers, and the share of greedy held-out generations that match eval.property_regex.
+    after = summary["eval_after"]
+    assert {k: v for k, v in after.items() if k not in ("property_share", "sample_generation")} == {
+        k[len("eval/"):]: v for k, v in lines[-1].items() if k.startswith("eval/")}
+    for check in (summary["eval_before"], after):
+        assert 0 <= check["property_share"] <= 1 and isinstance(check["sample_generation"], str)
+    # The bfloat16 reference was measured against the trainers' own float32 forwards, 2 workers.
+    drift = summary["reference"]["step0_drift"]
+    assert drift["rows"] == counts["kept"] and drift["sequences"] == 2 * counts["kept"]
+    assert 0 < drift["mean_abs_per_sequence"] <= drift["max_abs_per_sequence"] < 100
     assert counts["rejected_by_reason"] == {"empty_completion": 1, "empty_prompt": 2}
     assert counts["reference_cache_hit"] is True and summary["num_workers"] == 2  # scored by precompute
     assert counts["fingerprint"] == precomputed["data"]["fingerprint"]
@@ -99,33 +113,59 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in lines])
     _check_mlflow_and_wandb(run, lines)
 
-    report = launch("report", str(run))
+    report = launch_here("report", str(run))
     assert report.returncode == 0, report.stderr[-3000:]
     _check_report(run, summary)
 
-    other_dtype = launch("precompute", "--config", config, "--set", "reference.dtype=bfloat16")
+    other_dtype = launch_here("precompute", "--config", config, "--set", "reference.dtype=float32")
     assert other_dtype.returncode == 0, other_dtype.stderr[-3000:]
     other = first_json(other_dtype.stdout)  # the same examples, scored again in another dtype
     assert other["data"]["fingerprint"] == counts["fingerprint"] and other["scored"] != precomputed["scored"]
     assert other["data"]["reference_cache_hit"] is False
 
     # The same run name again resumes from its last checkpoint: no step runs twice.
-    rerun = launch("train", "--config", config)
+    rerun = launch_here("train", "--config", config)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming run 'first'" in rerun.stderr
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert json.loads((run / "summary.json").read_text())["resumed"] is True
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["resumed"] is True
+    for name in ("eval_before", "eval_after", "reference"):  # kept in the checkpoint, not computed again
+        assert resumed[name] == summary[name], name
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]  # resumed: no step logged twice
     _check_mlflow_and_wandb(run, lines)  # the same MLflow run continued, nothing logged twice
     # ... but not with another training config: that would mix two runs.
-    changed = launch("train", "--config", config, "--set", "training.learning_rate=0.01")
+    changed = launch_here("train", "--config", config, "--set", "training.learning_rate=0.01")
     assert changed.returncode == 2 and "training.learning_rate = 0.001, now 0.01" in changed.stderr
     assert "output.resume=false" in changed.stderr
 
 
+def test_the_driver_holds_no_model(tiny_run, tmp_path_factory):
+    """The same job with a model 400 times larger (64M parameters, 256 MB in float32, where the
+    tiny one has 0.15M): held-out checks, generations and the drift check all run on the workers,
+    so the driver's peak memory stays where it was. One float32 copy of the larger model on the
+    driver would add 256 MB."""
+    from tiny import make_tiny_model
+
+    config, runs, _, tiny_summary, _ = tiny_run
+    big = make_tiny_model(str(tmp_path_factory.mktemp("big-llama")), tokenizer_text(), hidden_size=1024,
+                          num_hidden_layers=6)
+    result = launch("train", "--config", config, "--set", f"model.name_or_path={big}", "--set",
+                    "output.run_name=big")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((runs / "big" / "summary.json").read_text())
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(big).hidden_size == 1024 and summary["steps"] == 3
+    assert summary["eval_after"]["property_share"] is not None and summary["reference"]["step0_drift"]["sequences"]
+    small, large = tiny_summary["driver_peak_rss_mib"], summary["driver_peak_rss_mib"]
+    assert small > 100 and abs(large - small) < 150, (small, large)
+
+
 def test_validate_prints_the_facts_and_fails_when_too_much_is_bad(tiny_run):
-    config, _ = tiny_run
-    result = launch("validate", "--config", config, "--json")
+    config = tiny_run[0]
+    result = launch_here("validate", "--config", config, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     facts = first_json(result.stdout)
     assert (facts["read"], facts["kept"] + facts["held_out"], facts["rejected"]) == (29, 26, 3)
@@ -135,19 +175,22 @@ def test_validate_prints_the_facts_and_fails_when_too_much_is_bad(tiny_run):
     n_d, n_u = facts["desirable"], facts["undesirable"]
     assert facts["weights"]["auto_desirable_weight"] == pytest.approx(n_u / n_d) and facts["weights"]["in_range"]
 
-    strict = launch("validate", "--config", config, "--json", "--set", "data.max_rejected_fraction=0.05")
+    strict = launch_here("validate", "--config", config, "--json", "--set", "data.max_rejected_fraction=0.05")
     assert strict.returncode == 1 and first_json(strict.stdout)["trainable"] is False
     assert "3 of 29 rows" in strict.stderr and "data.max_rejected_fraction" in strict.stderr
-    assert launch("train", "--config", config, "--set", "data.max_rejected_fraction=0.05").returncode == 2
+    refused = launch_here("train", "--config", config, "--set", "data.max_rejected_fraction=0.05",
+                          "--set", "output.run_name=strict")
+    assert refused.returncode == 2 and "3 of 29 rows" in refused.stderr
 
 
 def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path):
-    config, _ = tiny_run
-    result = launch("train", "--config", config, "--set", "data.kl_block_size=1")
+    config = tiny_run[0]
+    result = launch_here("train", "--config", config, "--set", "data.kl_block_size=1")
     assert result.returncode == 2 and "data.kl_block_size = 1" in result.stderr
-    result = launch("train", "--config", config, "--set", f"data.path={tmp_path}/nowhere")
+    result = launch_here("train", "--config", config, "--set", f"data.path={tmp_path}/nowhere",
+                         "--set", "output.run_name=nowhere")
     assert result.returncode == 2 and "nowhere" in result.stderr and "does not exist" in result.stderr
-    result = launch("train", "--config", config, "--set", "kto.bta=0.2")
+    result = launch_here("train", "--config", config, "--set", "kto.bta=0.2")
     assert result.returncode == 2 and "unknown key 'kto.bta'" in result.stderr
 
 

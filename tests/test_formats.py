@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SHARED_DATA
-from pipeline.data import DataSettings, process_feedback
+from pipeline.data.stage import DataSettings, process_feedback
 
 QUESTIONS = ["what color is the sky?", "why is the river big?", "how are you?", "what is a cat?", "is a dog good?"]
 
@@ -177,7 +177,7 @@ def test_duplicates_are_quarantined_when_asked(tmp_path, tiny_model, ray_local):
 
 
 def test_kl_pairs_skip_rows_with_the_same_prompt():
-    from pipeline.pairing import block_partners
+    from pipeline.data.pairing import block_partners
 
     keys = np.array([[7, 7, 8, 9], [5, 5, 5, 5]])
     assert block_partners(keys).tolist() == [[2, 2, 3, 0], [1, 2, 3, 0]]

@@ -1,47 +1,24 @@
-"""Worker-count invariance through real Ray Train: 1 and 2 workers on the same global
-batches give the same z0, loss and weights (float32, rtol 1e-5), and the same held-out (eval/)
-metrics, which equal a direct single-process computation on the final weights."""
+"""Worker-count invariance through real Ray Train: 1 and 2 workers on the same global batches give
+the same z0, loss and weights (float32, rtol 1e-5), and the same held-out (eval/) metrics, which
+equal a direct single-process computation on the final weights; the held-out checks before and
+after training come from the same evaluator."""
 
 import os
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train_and_load, write_feedback
+from conftest import REFERENCE_STEPS, direct_eval
+
+pytestmark = pytest.mark.slow
 
 
-def _overrides(data, held_out, workers, per_device, steps) -> dict:
-    return {"data.path": data, "eval.path": held_out, "eval.eval_steps": 2, "scaling.num_workers": workers,
-            "training.per_device_train_batch_size": per_device, "training.max_steps": steps,
-            "output.run_name": f"workers{workers}-steps{steps}"}
-
-
-def _run(tmp_path, tiny_model, data, held_out, workers, per_device, steps):
-    return train_and_load(tmp_path, tiny_model, data, **_overrides(data, held_out, workers, per_device, steps))
-
-
-def _direct_eval(tmp_path, tiny_model, data, held_out, steps) -> dict:
-    import pyarrow.parquet as pq
-
-    from conftest import direct_eval, tiny_config
-    from pipeline.models import load_causal_lm
-    from pipeline.run import precompute
-
-    config = tiny_config(tmp_path, tiny_model, data, **_overrides(data, held_out, 1, 4, steps))
-    scored = pq.read_table(precompute(config).eval_scored_path)  # the cached eval scores
-    return direct_eval(load_causal_lm(os.path.join(config.run_dir, "model")), scored, config.kto.beta, tiny_model)
-
-
-def test_one_and_two_workers_agree(tmp_path, tiny_model, ray_local):
-    steps = 3
-    # 10 rows in global batches of 4: the third step has 2 rows, so the second worker's
-    # share is empty there and it must still join every collective.
-    data = write_feedback(str(tmp_path / "data" / "feedback.parquet"), rows=10)
-    held_out = write_feedback(str(tmp_path / "data" / "heldout.parquet"), rows=7, seed=5)
-    one_metrics, one_weights = _run(tmp_path, tiny_model, data, held_out, workers=1, per_device=4, steps=steps)
-    two_metrics, two_weights = _run(tmp_path, tiny_model, data, held_out, workers=2, per_device=2, steps=steps)
-
+def test_one_and_two_workers_agree(tiny_model, reference_runs):
+    one_metrics, one_weights, one_summary, config = reference_runs[1]
+    two_metrics, two_weights, two_summary, _ = reference_runs[2]
+    steps = REFERENCE_STEPS
     assert [m["step"] for m in one_metrics] == list(range(1, steps + 1))
     assert [m["step"] for m in two_metrics] == list(range(1, steps + 1))
     for one, two in zip(one_metrics, two_metrics):
@@ -68,8 +45,27 @@ def test_one_and_two_workers_agree(tmp_path, tiny_model, ray_local):
     evaluated = [m["step"] for m in one_metrics if "eval/loss" in m]
     assert evaluated == [2, 3]
     assert evaluated == [m["step"] for m in two_metrics if "eval/loss" in m]
-    direct = _direct_eval(tmp_path, tiny_model, data, held_out, steps)
+    from pipeline.models import load_causal_lm
+    from pipeline.stages import precompute
+
+    scored = pq.read_table(precompute(config).eval_scored_path)  # the cached eval scores
+    direct = direct_eval(load_causal_lm(os.path.join(config.run_dir, "model")), scored, config.kto.beta, tiny_model)
     for metrics in (one_metrics[-1], two_metrics[-1]):
         assert metrics["eval/examples"] == 7
         for key in ("loss", "kl", "kl_unclamped", "rewards/margins", "accuracy"):
             assert metrics[f"eval/{key}"] == pytest.approx(direct[key], rel=1e-4, abs=1e-5), key
+
+    # The held-out checks of summary.json: "after" is the last step's eval/ metrics, "before" the
+    # same evaluator on the initial policy, which is the reference: every implied reward is 0 (to
+    # float32 noise: the trainer pads differently from the reference actor), so is z0.
+    for summary, metrics in ((one_summary, one_metrics), (two_summary, two_metrics)):
+        after, before = summary["eval_after"], summary["eval_before"]
+        assert {k: v for k, v in after.items() if f"eval/{k}" in metrics[-1]} == {
+            k[len("eval/"):]: v for k, v in metrics[-1].items() if k.startswith("eval/")}
+        assert before["examples"] == 7 and 0 <= before["kl"] < 1e-5 and abs(before["kl_unclamped"]) < 1e-5
+        assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+        assert before["loss"] == pytest.approx(0.5, abs=1e-6)  # weights 1: 1 - sigma(0) on every row
+    one_before, two_before = one_summary["eval_before"], two_summary["eval_before"]
+    assert two_before.pop("sample_generation") == one_before.pop("sample_generation")  # greedy, split over 2 ranks
+    assert two_before == pytest.approx(one_before, rel=1e-5, abs=1e-6)
+

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.loss import kto_loss
+from pipeline.train.loss import kto_loss
 
 
 def sigmoid(x: float) -> float:

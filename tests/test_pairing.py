@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.formats import DataError
-from pipeline.pairing import KLPairer, build_schedule, kl_partners
+from pipeline.data.formats import DataError
+from pipeline.data.pairing import KLPairer, build_schedule, kl_partners
 
 
 @pytest.mark.parametrize("block_size", [2, 3, 4, 7, 8, 16])

@@ -9,6 +9,8 @@ import pytest
 from conftest import SHARED_DATA, tiny_config
 from pipeline.run import train
 
+pytestmark = pytest.mark.slow
+
 HH_RLHF = os.path.join(SHARED_DATA, "hh-rlhf-harmless-base-test.kto.parquet")
 
 

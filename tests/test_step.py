@@ -5,8 +5,9 @@ import copy
 import torch
 
 from pipeline.logprobs import collate, sequence_logps
-from pipeline.engines import PlainEngine
-from pipeline.train import MicroBatch, StepSettings, disable_dropout, make_optimizer, train_step
+from pipeline.models import disable_dropout
+from pipeline.train.engines import PlainEngine, make_optimizer
+from pipeline.train.step import MicroBatch, StepSettings, train_step
 
 
 def _rows(tokenizer, n=6, seed=0):

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataSettings, process_feedback
-from pipeline.formats import DataError
+from pipeline.data.stage import DataSettings, process_feedback
+from pipeline.data.formats import DataError
 from test_formats import run_stage, write_jsonl
 
 

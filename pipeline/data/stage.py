@@ -2,18 +2,15 @@
 KTO examples, tokenize them once, quarantine bad rows with a reason, pair each kept row with a
 KL partner, and write the result as Parquet. It streams: memory stays bounded at any input size.
 
-Parsing and tokenization run as Ray Data tasks of a few thousand rows, on every CPU Ray has.
+Parsing and tokenization (tokenize.py) run as Ray Data tasks of a few thousand rows, on every CPU Ray has.
 The driver then consumes the stream in read order (provenance, de-duplication and KL pairing
 need the global order), writing as it goes and keeping only counters and two KL blocks.
 """
 
-import functools
 import glob
-import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -21,14 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.formats import (FORMAT_COLUMNS, PAIRED_FORMATS, DataError, check_types, detect_format, render,
-                              to_examples)
-from pipeline.pairing import KLPairer
-from pipeline.progress import bar
+from pipeline.cluster import use_ray_data_settings
+from pipeline.console import bar
+from pipeline.data.formats import (FEEDBACK_SUFFIXES, JSON_SUFFIXES, PAIRED_FORMATS, DataError, check_types,
+                                   detect_format)
+from pipeline.data.pairing import KLPairer
+from pipeline.data.tokenize import ADDED_COLUMNS, tokenize_batch
 
-JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
-                 "prompt_hash", "row_hash", "reason")
 ROWS_PER_TASK = 2048
 LENGTH_BINS = 1 << 16  # token-length histograms are exact below this and clipped above
 
@@ -57,7 +53,7 @@ def list_input_files(path: str) -> tuple[list[str], str]:
         files = [os.path.abspath(path)]
     else:
         every = sorted(glob.glob(os.path.join(os.path.abspath(path), "**", "*"), recursive=True))
-        files = [f for f in every if os.path.isfile(f) and f.endswith((".parquet", *JSON_SUFFIXES))]
+        files = [f for f in every if os.path.isfile(f) and f.endswith(FEEDBACK_SUFFIXES)]
     kinds = {"json" if f.endswith(JSON_SUFFIXES) else "parquet" for f in files}
     if not files:
         raise DataError(f"data path {path!r} holds no *.parquet, *.json or *.jsonl(.gz) file")
@@ -90,95 +86,6 @@ def check_inputs(files: list[str], kind: str, settings: DataSettings) -> str:
         raise DataError(f"the files under the data path hold different formats ({sorted(formats)}); "
                         "keep one format a data path")
     return formats.pop()
-
-
-@functools.lru_cache(maxsize=2)
-def _tokenizer(path: str, trust_remote_code: bool):
-    from pipeline.models import load_tokenizer
-
-    return load_tokenizer(path, trust_remote_code)  # once per Ray worker process, reused across tasks
-
-
-def _hash64(*parts: str) -> int:
-    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Optional[list[int]]]:
-    try:
-        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
-    except Exception:  # find the rows at fault; the rest keep their tokens
-        out = []
-        for text in texts:
-            try:
-                out.append(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-            except Exception:
-                out.append(None)
-        return out
-
-
-def tokenize_batch(batch: pa.Table, fmt: str, settings: DataSettings) -> pa.Table:
-    """Ray Data task: each input row becomes its examples, with the original columns repeated.
-
-    Prompt: the tokenizer's special tokens (BOS where it has one; none when a chat template
-    already wrote them), truncated from the left to max_prompt_length. Completion: EOS appended
-    unless the template already ended the turn with it, truncated from the right to what
-    max_length leaves. Bad examples keep a `reason` and no tokens.
-    """
-    tok = _tokenizer(settings.tokenizer_path, settings.trust_remote_code)
-    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in batch.column_names]
-    if missing:
-        source = batch.column("path")[0].as_py() if "path" in batch.column_names else "an input file"
-        raise DataError(f"{source}: required column(s) {missing} missing; every file needs {FORMAT_COLUMNS[fmt]}")
-    examples = to_examples({c: batch.column(c).to_pylist() for c in FORMAT_COLUMNS[fmt]}, fmt,
-                           settings.label_map, settings.prompt_delimiter)
-    n = len(examples)
-    reasons = [example[5] for example in examples]
-    texts: list = [None] * n
-    for j, (_, _, prompt, completion, _, reason, label_reason) in enumerate(examples):
-        if not reason:
-            prompt_text, completion_text, templated, reason = render(prompt, completion, tok)
-            texts[j], reasons[j] = (prompt_text, completion_text, templated), reason or label_reason
-    prompt_ids, completion_ids = [None] * n, [None] * n
-    prompt_tokens, completion_tokens = [0] * n, [0] * n
-    prompt_hash, row_hash = [0] * n, [0] * n
-    for templated in (False, True):
-        rows = [j for j in range(n) if not reasons[j] and texts[j][2] == templated]
-        prompts = _encode(tok, [texts[j][0] for j in rows], add_special_tokens=not templated)
-        completions = _encode(tok, [texts[j][1] for j in rows], add_special_tokens=False)
-        for j, p_ids, c_ids in zip(rows, prompts, completions):
-            if p_ids is None or c_ids is None:
-                reasons[j] = "tokenize_failed"
-                continue
-            room = settings.max_length - min(len(p_ids), settings.max_prompt_length)
-            if room < 1:
-                reasons[j] = "no_room_for_completion"
-                continue
-            prompt_tokens[j], completion_tokens[j] = len(p_ids), len(c_ids)
-            if tok.eos_token_id not in c_ids:
-                c_ids = c_ids + [tok.eos_token_id]
-            prompt_ids[j], completion_ids[j] = p_ids[-settings.max_prompt_length:], c_ids[:room]
-            prompt_hash[j] = _hash64(texts[j][0])
-            row_hash[j] = _hash64(texts[j][0], texts[j][1], str(examples[j][4]))
-    ids = pa.list_(pa.int32())
-    out = batch.take(pa.array([example[0] for example in examples], pa.int64()))
-    # Only quarantined rows need their original values downstream; the kept rows' are dropped
-    # here, halving what travels to the driver (unless the driver may still find duplicates).
-    is_bad = pa.array([bool(reason) for reason in reasons])
-    for index, name in enumerate(out.column_names):
-        if name != "path" and not settings.deduplicate:
-            column = out.column(name)
-            out = out.set_column(index, name, pc.if_else(is_bad, column, pa.nulls(n, column.type)))
-    added = {"kto_side": pa.array([e[1] for e in examples], pa.int8()),
-             "kto_label": pa.array([e[4] if not r else None for e, r in zip(examples, reasons)], pa.bool_()),
-             "prompt_ids": pa.array(prompt_ids, ids), "completion_ids": pa.array(completion_ids, ids),
-             "prompt_tokens": pa.array(prompt_tokens, pa.int32()),
-             "completion_tokens": pa.array(completion_tokens, pa.int32()),
-             "prompt_hash": pa.array(prompt_hash, pa.int64()), "row_hash": pa.array(row_hash, pa.int64()),
-             "reason": pa.array(reasons, pa.string())}
-    for name in ADDED_COLUMNS:
-        out = out.append_column(name, added[name])
-    return out
 
 
 class PartWriter:
@@ -308,7 +215,7 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     themselves) and out_dir/rejected/ (original rows with a reason); returns the counts."""
     files, kind = list_input_files(path)
     fmt = check_inputs(files, kind, settings)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # provenance and pairing
+    use_ray_data_settings()
     read = ray.data.read_parquet if kind == "parquet" else ray.data.read_json
     # A file is read by one task; cutting its rows into small blocks (streaming, no shuffle) lets
     # every CPU tokenize, instead of one task a file.

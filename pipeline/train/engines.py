@@ -10,19 +10,17 @@ Two strategies share `train_step`:
   and ZeRO-2/3 reduce in every backward, so all ranks must run the same number of both:
   `equal_forwards` tells `train_step` to pad a rank's forwards with empty-weight ones.
 
-Checkpoint layout (one folder, written by all ranks, merged by Ray Train):
-    model/               the Hugging Face export (safetensors, config, tokenizer): usable as is
-    optimizer.pt         ddp: optimizer and scheduler state
-    deepspeed/           deepspeed: the engine's own state, one optimizer partition a rank
-    rng.pt, metrics.jsonl, trainer_state.json (written last: its presence marks a complete checkpoint)
+An engine saves and loads its own state (optimizer, scheduler; DeepSpeed: each rank's partition)
+at a path that checkpoint.py, which owns the checkpoint's layout, gives it.
 """
 
 import math
-import os
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from transformers import get_scheduler
 
 
 def world_size() -> int:
@@ -33,6 +31,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(item: Any) -> list:
+    """Every rank's `item`, in rank order (a collective: every rank calls it)."""
+    if world_size() == 1:
+        return [item]
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, item)
+    return everyone
 
 
 def all_reduce_gradients(grads: list[torch.Tensor], bucket_bytes: int = 32 * 2**20) -> None:
@@ -78,13 +91,13 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.item()
 
-    def save(self, folder: str, rank: int) -> None:
+    def save(self, path: str, rank: int) -> None:
+        """The optimizer and scheduler state as one file (every rank holds the same)."""
         if rank == 0:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(folder, "optimizer.pt"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, path)
 
-    def load(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+    def load(self, path: str) -> None:
+        state = torch.load(path, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -143,13 +156,14 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
 
-    def save(self, folder: str, rank: int) -> None:
-        self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+    def save(self, path: str, rank: int) -> None:
+        """DeepSpeed's own checkpoint folder: each rank writes its partition (a collective)."""
+        self.engine.save_checkpoint(path, tag="state")
 
-    def load(self, folder: str) -> None:
-        path, _ = self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed state in {folder}/deepspeed; was it written by strategy ddp?")
+    def load(self, path: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(path, tag="state")
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {path}; was it written by strategy ddp?")
 
     def export(self, folder: str, rank: int) -> None:
         """A full Hugging Face folder on rank 0. ZeRO-3 holds a shard of every parameter on each rank:
@@ -157,3 +171,33 @@ class DeepSpeedEngine:
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero_stage == 3 else None
         if rank == 0:
             self.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float, scheduler_type: str,
+                   warmup_ratio: float, total_steps: int):
+    """AdamW over the trainable parameters (with LoRA: the adapters only) and its learning-rate schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def deepspeed_settings(config) -> Optional[dict]:
+    """The DeepSpeed config of a run with strategy `deepspeed` (bf16 on GPUs, float32 on CPUs); None for ddp."""
+    if config.scaling.strategy != "deepspeed":
+        return None
+    ds = config.deepspeed
+    return deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_param, bf16=config.scaling.use_gpu,
+                            max_grad_norm=config.training.max_grad_norm,
+                            per_device_train_batch_size=config.training.per_device_train_batch_size)
+
+
+def build_engine(config, model: torch.nn.Module, total_steps: int, ds_config: Optional[dict]):
+    """The run's strategy around a loaded model: `ddp` (summed by hand) or DeepSpeed ZeRO."""
+    t = config.training
+    optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, t.lr_scheduler_type,
+                                          t.warmup_ratio, total_steps)
+    if ds_config:
+        return DeepSpeedEngine(model, optimizer, scheduler, ds_config)
+    return PlainEngine(model, optimizer, scheduler, t.max_grad_norm)

@@ -7,8 +7,9 @@ import shutil
 from dataclasses import asdict
 
 from pipeline.config import Config
-from pipeline.data import DataError, DataSettings, list_input_files, process_feedback
-from pipeline.scoring import fingerprint
+from pipeline.data.formats import DataError
+from pipeline.data.stage import DataSettings, list_input_files, process_feedback
+from pipeline.cache import fingerprint
 
 
 def data_settings(config: Config, tokenizer_path: str) -> DataSettings:

@@ -13,7 +13,7 @@ examples are rendered here, once, with the tokenizer's chat template, as TRL doe
 A row that cannot become an example gets a reason instead; it is never guessed at.
 """
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import pyarrow as pa
 
@@ -21,6 +21,9 @@ import pyarrow as pa
 class DataError(ValueError):
     """Input that cannot be trained on as a whole; the message names the file and column."""
 
+
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+FEEDBACK_SUFFIXES = (".parquet", *JSON_SUFFIXES)
 
 FORMAT_COLUMNS = {
     "unpaired": ("prompt", "completion", "label"),
@@ -134,31 +137,38 @@ def split_messages(messages: Any) -> tuple[Any, Any, str]:
     return messages[:-1], messages[-1:], ""
 
 
-def to_examples(columns: dict[str, list], fmt: str, label_map: dict, delimiter: str) -> list[tuple]:
-    """(input row, side, prompt, completion, label, reason, label reason) for each example of a batch.
+class Example(NamedTuple):
+    """One KTO example of an input row, before rendering and tokenization."""
+    row: int  # the input row's index in its batch
+    side: int  # 0: an unpaired row or the chosen half of a pair; 1: the rejected half
+    prompt: Any  # text, or a list of {role, content} messages
+    completion: Any
+    label: Optional[bool]
+    reason: str  # why the row cannot become an example ("" when it can)
+    label_reason: str  # the label's own problem, kept apart so that the text's, found later, takes precedence
 
-    side 0 is an unpaired row or the chosen half of a pair, side 1 the rejected half; every
-    input row yields one example (two for paired formats), bad or not, so nothing is lost.
-    The label's problem is kept apart so that the text's, found later, can take precedence.
-    """
+
+def to_examples(columns: dict[str, list], fmt: str, label_map: dict, delimiter: str) -> list[Example]:
+    """The examples of a batch of input rows: every input row yields one (two for paired
+    formats), bad or not, so nothing is lost."""
     out = []
     n = len(next(iter(columns.values())))
     for i in range(n):
         if fmt == "unpaired":
             label, label_reason = parse_label(columns["label"][i], label_map)
-            out.append((i, 0, columns["prompt"][i], columns["completion"][i], label, "", label_reason))
+            out.append(Example(i, 0, columns["prompt"][i], columns["completion"][i], label, "", label_reason))
         elif fmt == "messages":
             label, label_reason = parse_label(columns["label"][i], label_map)
             prompt, completion, reason = split_messages(columns["messages"][i])
-            out.append((i, 0, prompt, completion, label, reason, label_reason))
+            out.append(Example(i, 0, prompt, completion, label, reason, label_reason))
         else:
             chosen, rejected = columns["chosen"][i], columns["rejected"][i]
             if fmt == "paired":
                 prompt, reason = columns["prompt"][i], ""
             else:
                 prompt, chosen, rejected, reason = split_shared_prompt(chosen, rejected, delimiter)
-            out.append((i, 0, prompt, chosen, True, reason, ""))
-            out.append((i, 1, prompt, rejected, False, reason, ""))
+            out.append(Example(i, 0, prompt, chosen, True, reason, ""))
+            out.append(Example(i, 1, prompt, rejected, False, reason, ""))
     return out
 
 
@@ -173,8 +183,16 @@ def _as_text(value: Any) -> Optional[str]:
     return value
 
 
-def render(prompt: Any, completion: Any, tokenizer) -> tuple[str, str, bool, str]:
-    """(prompt text, completion text, chat-templated?, reason) of one example.
+class Rendered(NamedTuple):
+    """An example's texts as the tokenizer will see them."""
+    prompt: str
+    completion: str
+    templated: bool  # rendered by the chat template (which writes its own special tokens)
+    reason: str  # why it cannot be rendered ("" when it can)
+
+
+def render(prompt: Any, completion: Any, tokenizer) -> Rendered:
+    """An example's prompt and completion texts.
 
     Conversational examples go through the chat template: the prompt with the generation
     prompt, and the completion as what the full conversation adds after it.
@@ -182,24 +200,24 @@ def render(prompt: Any, completion: Any, tokenizer) -> tuple[str, str, bool, str
     try:
         prompt, completion = _as_text(prompt), _as_text(completion)
     except UnicodeDecodeError:
-        return "", "", False, "undecodable_text"
+        return Rendered("", "", False, "undecodable_text")
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (_is_messages(prompt) and _is_messages(completion)):
-            return "", "", True, "malformed_messages"
+            return Rendered("", "", True, "malformed_messages")
         if not any(m["content"].strip() for m in prompt):
-            return "", "", True, "empty_prompt"
+            return Rendered("", "", True, "empty_prompt")
         if not any(m["content"].strip() for m in completion):
-            return "", "", True, "empty_completion"
+            return Rendered("", "", True, "empty_completion")
         try:
             prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         except Exception:  # templates raise on what they do not support (e.g. turn order)
-            return "", "", True, "chat_template_error"
+            return Rendered("", "", True, "chat_template_error")
         if not full_text.startswith(prompt_text):
-            return "", "", True, "chat_template_error"
-        return prompt_text, full_text[len(prompt_text):], True, ""
+            return Rendered("", "", True, "chat_template_error")
+        return Rendered(prompt_text, full_text[len(prompt_text):], True, "")
     if not isinstance(prompt, str) or not prompt.strip():
-        return "", "", False, "empty_prompt"
+        return Rendered("", "", False, "empty_prompt")
     if not isinstance(completion, str) or not completion.strip():
-        return "", "", False, "empty_completion"
-    return prompt, completion, False, ""
+        return Rendered("", "", False, "empty_completion")
+    return Rendered(prompt, completion, False, "")

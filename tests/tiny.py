@@ -38,15 +38,19 @@ def make_tokenizer(folder: str, extra_text: list[str] = ()):
     return wrapped
 
 
-def make_tiny_model(folder: str, extra_text: list[str] = (), seed: int = 0) -> str:
-    """Writes tokenizer and a 2-layer Llama (safetensors) into `folder`; returns it."""
+def make_tiny_model(folder: str, extra_text: list[str] = (), seed: int = 0, hidden_size: int = 64,
+                    num_hidden_layers: int = 2) -> str:
+    """Writes tokenizer and a Llama (safetensors; by default 2 layers of 64, 0.15M parameters) into
+    `folder`; returns it. Heads of 32 dimensions at every size."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer(folder, extra_text)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+    heads = hidden_size // 32
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from pipeline.data import JSON_SUFFIXES
-
-FEEDBACK_SUFFIXES = (".parquet", *JSON_SUFFIXES)
+from pipeline.data.formats import FEEDBACK_SUFFIXES
 
 
 @dataclass

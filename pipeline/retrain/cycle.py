@@ -17,13 +17,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError
-from pipeline.ledger import Ledger
-from pipeline.models import resolve_model_path
-from pipeline.registry import RetrainLock, discover_partitions, point_current
+from pipeline.retrain.ledger import Ledger
+from pipeline.models import local_model_path
+from pipeline.retrain.registry import RetrainLock, discover_partitions, point_current
 
 log = logging.getLogger("kto")
 CHANCE = 0.5  # the accuracy baseline when the start model is its own reference (its rewards are all 0)
@@ -61,7 +60,7 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
     failed = ledger.fail_unfinished("the cycle's process died (killed, or its machine stopped) before it finished")
     if failed:
         log.warning("cycles %s never finished; recorded as failed, their partitions stay unconsumed", failed)
-    base = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
+    base = local_model_path(config.model.name_or_path, config.model.cache_dir)  # (converted, if need be, by train)
     promoted = ledger.promoted_model()
     if promoted:
         point_current(registry, promoted)  # the ledger is the truth; repair a switch a kill interrupted
@@ -89,7 +88,8 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
         run_dir = os.path.join(registry, "cycles", f"cycle-{cycle_id:06d}")
         data_dir = _link_feedback(run_dir, rt.feedback_root, new, replay, seed=cycle_id)
         cycle_config = _cycle_config(config, registry, cycle_id, data_dir, start, reference)
-        from pipeline.run import train  # here: the ledger-only paths (skip, history) need no Ray
+        from pipeline.fit import delete_checkpoints  # here: the ledger-only paths (skip, history) need no Ray
+        from pipeline.run import train
 
         summary = train(cycle_config)
         trained = time.time()
@@ -99,7 +99,7 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
         metrics = {"before": summary["eval_before"], "after": summary["eval_after"], "gate": verdict,
                    "final_train": {k: summary["final_metrics"].get(k) for k in ("loss", "kl", "rewards/margins")}}
         timings = {"train_s": round(trained - started, 1), "total_s": round(time.time() - started, 1)}
-        _drop_checkpoints(cycle_config)
+        delete_checkpoints(cycle_config)  # its model folder holds the result; no later cycle resumes this run
         if verdict["passed"]:
             ledger.finish(cycle_id, "promoted", model_path=model_path, metrics=metrics, timings=timings,
                           consume=[p.describe() for p in new])
@@ -208,16 +208,6 @@ def _cycle_config(config: Config, registry: str, cycle_id: int, data_dir: str, s
         lora=dataclasses.replace(config.lora, save_merged=bool(config.lora.r)),  # the next cycle starts from it
         output=dataclasses.replace(config.output, output_dir=os.path.join(registry, "cycles"),
                                    run_name=f"cycle-{cycle_id:06d}", resume=False))
-
-
-def _drop_checkpoints(cycle_config: Config) -> None:
-    """A finished cycle's Ray Train checkpoints (optimizer states included): its model folder holds
-    the result, and a later cycle starts a run of its own rather than resuming this one."""
-    from pipeline.run import checkpoint_storage
-
-    filesystem, folder, _ = checkpoint_storage(cycle_config)
-    if filesystem.get_file_info(folder).type != pafs.FileType.NotFound:
-        filesystem.delete_dir(folder)
 
 
 def _prune(ledger: Ledger, keep: int) -> None:

@@ -16,10 +16,16 @@ def bar(description: str, total: int | None = None, unit: str = "rows") -> tqdm:
                 disable=not sys.stderr.isatty())
 
 
+# Variables that quiet_ray sets on the driver and the run's runtime environment hands to every Ray process.
+QUIET_VARIABLES = ("HF_HUB_DISABLE_PROGRESS_BARS",)
+
+
 def quiet_ray() -> None:
-    """Keep Ray Data's per-operator progress and its INFO lines out of the user's way (--verbose shows them)."""
+    """Keep Ray Data's per-operator progress, Ray's INFO lines and every process's model-loading
+    bars out of the user's way (--verbose shows them)."""
     import ray.data
 
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' "Loading weights" bars, on every worker
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -22,8 +22,13 @@ PROJECT = "ray-kto"  # the MLflow experiment and W&B project when their variable
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, history: list[str], start_step: int, report_to: list[str], run_name: str,
-                 params: dict, tracking_ids: dict):
+    """Rank 0's record of the run's metrics: every step in metrics.jsonl; every
+    `training.logging_steps`-th step, the last, and every step with eval/ metrics in the trackers."""
+
+    def __init__(self, config, history: list[str], start_step: int, total_steps: int, tracking_ids: dict):
+        run_dir, report_to, run_name = config.run_dir, config.output.report_to, config.output.run_name
+        params = config.to_dict()
+        self.every, self.total_steps = config.training.logging_steps, total_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         with open(self.path, "w") as f:
             f.writelines(history)
@@ -54,6 +59,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(line)
         step = metrics["step"]
+        if step % self.every and step != self.total_steps and not any(name.startswith("eval/") for name in metrics):
+            return
         scalars = {name: value for name, value in metrics.items()
                    if name != "step" and isinstance(value, numbers.Number) and not isinstance(value, bool)}
         if self.tensorboard:

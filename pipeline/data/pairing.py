@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.formats import DataError
+from pipeline.data.formats import DataError
 
 
 def block_partners(prompt_keys: np.ndarray) -> np.ndarray:

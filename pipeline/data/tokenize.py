@@ -1,0 +1,109 @@
+"""Tokenization, once, in Ray Data tasks: each input row becomes its KTO examples with token ids,
+or a quarantine reason. The driver's streamed stage (stage.py) consumes what this returns."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import TYPE_CHECKING, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.data.formats import FORMAT_COLUMNS, DataError, render, to_examples
+
+if TYPE_CHECKING:
+    from pipeline.data.stage import DataSettings
+
+# What tokenize_batch adds to the input columns.
+ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
+                 "prompt_hash", "row_hash", "reason")
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str, trust_remote_code: bool):
+    from pipeline.models import load_tokenizer
+
+    return load_tokenizer(path, trust_remote_code)  # once per Ray worker process, reused across tasks
+
+
+def _hash64(*parts: str) -> int:
+    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Optional[list[int]]]:
+    try:
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+    except Exception:  # find the rows at fault; the rest keep their tokens
+        out = []
+        for text in texts:
+            try:
+                out.append(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            except Exception:
+                out.append(None)
+        return out
+
+
+def tokenize_batch(batch: pa.Table, fmt: str, settings: DataSettings) -> pa.Table:
+    """Ray Data task: each input row becomes its examples, with the original columns repeated.
+
+    Prompt: the tokenizer's special tokens (BOS where it has one; none when a chat template
+    already wrote them), truncated from the left to max_prompt_length. Completion: EOS appended
+    unless the template already ended the turn with it, truncated from the right to what
+    max_length leaves. Bad examples keep a `reason` and no tokens.
+    """
+    tok = _tokenizer(settings.tokenizer_path, settings.trust_remote_code)
+    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in batch.column_names]
+    if missing:
+        source = batch.column("path")[0].as_py() if "path" in batch.column_names else "an input file"
+        raise DataError(f"{source}: required column(s) {missing} missing; every file needs {FORMAT_COLUMNS[fmt]}")
+    examples = to_examples({c: batch.column(c).to_pylist() for c in FORMAT_COLUMNS[fmt]}, fmt,
+                           settings.label_map, settings.prompt_delimiter)
+    n = len(examples)
+    reasons = [example.reason for example in examples]
+    texts: list = [None] * n
+    for j, example in enumerate(examples):
+        if not example.reason:
+            texts[j] = render(example.prompt, example.completion, tok)
+            reasons[j] = texts[j].reason or example.label_reason
+    prompt_ids, completion_ids = [None] * n, [None] * n
+    prompt_tokens, completion_tokens = [0] * n, [0] * n
+    prompt_hash, row_hash = [0] * n, [0] * n
+    for templated in (False, True):
+        rows = [j for j in range(n) if not reasons[j] and texts[j].templated == templated]
+        prompts = _encode(tok, [texts[j].prompt for j in rows], add_special_tokens=not templated)
+        completions = _encode(tok, [texts[j].completion for j in rows], add_special_tokens=False)
+        for j, p_ids, c_ids in zip(rows, prompts, completions):
+            if p_ids is None or c_ids is None:
+                reasons[j] = "tokenize_failed"
+                continue
+            room = settings.max_length - min(len(p_ids), settings.max_prompt_length)
+            if room < 1:
+                reasons[j] = "no_room_for_completion"
+                continue
+            prompt_tokens[j], completion_tokens[j] = len(p_ids), len(c_ids)
+            if tok.eos_token_id not in c_ids:
+                c_ids = c_ids + [tok.eos_token_id]
+            prompt_ids[j], completion_ids[j] = p_ids[-settings.max_prompt_length:], c_ids[:room]
+            prompt_hash[j] = _hash64(texts[j].prompt)
+            row_hash[j] = _hash64(texts[j].prompt, texts[j].completion, str(examples[j].label))
+    ids = pa.list_(pa.int32())
+    out = batch.take(pa.array([example.row for example in examples], pa.int64()))
+    # Only quarantined rows need their original values downstream; the kept rows' are dropped
+    # here, halving what travels to the driver (unless the driver may still find duplicates).
+    is_bad = pa.array([bool(reason) for reason in reasons])
+    for index, name in enumerate(out.column_names):
+        if name != "path" and not settings.deduplicate:
+            column = out.column(name)
+            out = out.set_column(index, name, pc.if_else(is_bad, column, pa.nulls(n, column.type)))
+    added = {"kto_side": pa.array([e.side for e in examples], pa.int8()),
+             "kto_label": pa.array([e.label if not r else None for e, r in zip(examples, reasons)], pa.bool_()),
+             "prompt_ids": pa.array(prompt_ids, ids), "completion_ids": pa.array(completion_ids, ids),
+             "prompt_tokens": pa.array(prompt_tokens, pa.int32()),
+             "completion_tokens": pa.array(completion_tokens, pa.int32()),
+             "prompt_hash": pa.array(prompt_hash, pa.int64()), "row_hash": pa.array(row_hash, pa.int64()),
+             "reason": pa.array(reasons, pa.string())}
+    for name in ADDED_COLUMNS:
+        out = out.append_column(name, added[name])
+    return out

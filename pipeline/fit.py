@@ -1,0 +1,119 @@
+"""The Ray Train run of `launch.py train`: where its checkpoints live, whether it resumes, the
+TorchTrainer over the workers (pipeline/train/worker.py), and what the driver takes from its last
+checkpoint. Also the deletion of a finished run's checkpoints (retraining cycles)."""
+
+import logging
+import os
+import time
+
+import pyarrow.fs as pafs
+import yaml
+
+from pipeline.config import Config, ConfigError
+from pipeline.console import StepProgress
+from pipeline.train import checkpoint
+from pipeline.train.checkpoint import TrainerState
+from pipeline.train.drift import DriftError
+from pipeline.train.worker import WorkerPlan, train_loop_per_worker
+
+log = logging.getLogger("kto")
+
+
+def checkpoint_storage(config: Config) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, folder of this run's checkpoints, Ray's storage_path): local by default, or
+    `output.storage_path` (a path every node reaches, or s3:// / gs://) / run_name."""
+    if not config.output.storage_path:
+        return pafs.LocalFileSystem(), os.path.join(config.run_dir, "ray_train"), config.run_dir
+    storage = config.output.storage_path
+    filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
+    return filesystem, f"{root.rstrip('/')}/{config.output.run_name}", storage
+
+
+def check_resumable(config: Config) -> bool:
+    """True when the run continues from its checkpoints: same run name, storage and training config.
+    A changed config would silently mix two runs, so it stops with the first difference."""
+    filesystem, folder, _ = checkpoint_storage(config)
+    if filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return False
+    entries = filesystem.get_file_info(pafs.FileSelector(folder))
+    if not any(e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") for e in entries):
+        return False  # an earlier attempt stopped before its first checkpoint: nothing to continue
+    if not config.output.resume:
+        log.info("output.resume is false: deleting the checkpoints of the previous run in %s", folder)
+        filesystem.delete_dir(folder)
+        return False
+    saved_path = os.path.join(config.run_dir, "config.yaml")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+        # What may change between attempts: where the driver connects, how often a run may fail.
+        free = {("scaling", "address"), ("scaling", "max_failures"), ("output", "resume")}
+        for section, values in config.to_dict().items():
+            for key, value in values.items():
+                if (section, key) not in free and saved.get(section, {}).get(key) != value:
+                    raise ConfigError(
+                        f"run '{config.output.run_name}' has checkpoints in {folder} from a run with "
+                        f"{section}.{key} = {saved.get(section, {}).get(key)!r}, now {value!r}: resuming would mix two "
+                        "runs. Use a new output.run_name, or --set output.resume=false to start this one over.")
+    log.info("resuming run '%s' from its latest checkpoint in %s", config.output.run_name, folder)
+    return True
+
+
+def delete_checkpoints(config: Config) -> None:
+    """A finished run's Ray Train checkpoints (optimizer states included), once its run directory
+    holds the result."""
+    filesystem, folder, _ = checkpoint_storage(config)
+    if filesystem.get_file_info(folder).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(folder)
+
+
+def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerState, float]:
+    """The Ray Train run over the scheduled steps (resumed where checkpoints exist); copies the last
+    checkpoint's model (and merged model) and metrics into the run directory. Returns the last
+    checkpoint's trainer state (step-0 drift, held-out checks) and the wall time in seconds."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    s, t = config.scaling, config.training
+    _, folder, storage_path = checkpoint_storage(config)
+    trainer = torch_trainer_class(embedded=not s.address)(
+        train_loop_per_worker,
+        train_loop_config=plan.loop_config(config),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=s.resources_per_worker,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(name=os.path.basename(folder), storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit or None)),
+    )
+    started = time.time()
+    try:
+        with StepProgress(config.run_dir, total_steps):
+            result = trainer.fit()
+    except WorkerGroupError as error:  # the step-0 drift check stops a run on every worker, every attempt
+        drifted = [failure for failure in error.worker_failures.values() if isinstance(failure, DriftError)]
+        if drifted:
+            raise DriftError(drifted[0].args[0] if drifted[0].args else str(drifted[0])) from None
+        raise
+    elapsed = time.time() - started
+    return checkpoint.copy_results(result.checkpoint, config.run_dir), elapsed
+
+
+def torch_trainer_class(embedded: bool):
+    """Ray Train's TorchTrainer; on the embedded Ray, without its PlacementGroupCleaner. In Ray 2.60
+    that helper's stop() joins a monitor thread that cannot exit before the join times out, which
+    adds 12 s to the end of every run (measured here on every fit; upstream ray-project/ray#62516,
+    #65447). It only matters when a controller dies while the cluster lives on, which an embedded
+    Ray, ending with this process, does not: on a cluster it stays."""
+    from ray.train.torch import TorchTrainer
+
+    if not embedded:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks()
+                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer

@@ -1,0 +1,225 @@
+"""The distributed KTO step: one optimizer step (`train_step`) or the held-out metrics
+(`eval_step`) over a global batch whose rows are split among the workers.
+
+torch and torch.distributed only (no Ray): give `train_step` this worker's micro-batches of one
+global step; when torch.distributed is initialised it all-reduces across the group, otherwise it
+is the whole batch. The collectives of a step (z0's sums, the metrics) live here; how gradients
+become an update (summed by hand, or by DeepSpeed ZeRO) lives in engines.py.
+"""
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
+from pipeline.train.engines import all_reduce_sum, world_size
+from pipeline.train.loss import kto_loss
+
+# The columns of the scored data set that a step reads.
+SCORED_COLUMNS = ("prompt_ids", "completion_ids", "kl_completion_ids", "label", "ref_logp", "ref_kl_logp")
+
+
+@dataclass
+class StepSettings:
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+    loss_type: str
+    pad_token_id: int
+    max_tokens_per_forward: int = 0  # 0: one forward a scheduled micro-batch
+
+    @classmethod
+    def from_config(cls, kto, training, desirable_weight: float, pad_token_id: int) -> "StepSettings":
+        """From the run's `kto` and `training` sections; the desirable weight as resolved from the
+        label counts (`auto`) and the tokenizer's pad token come from the driver's stages."""
+        return cls(beta=kto.beta, desirable_weight=desirable_weight, undesirable_weight=kto.undesirable_weight,
+                   loss_type=kto.loss_type, pad_token_id=pad_token_id,
+                   max_tokens_per_forward=training.max_tokens_per_forward)
+
+
+@dataclass
+class MicroBatch:
+    prompt_ids: list
+    completion_ids: list
+    kl_completion_ids: list
+    labels: torch.Tensor  # bool
+    ref_logp: torch.Tensor
+    ref_kl_logp: torch.Tensor
+
+    @classmethod
+    def from_table(cls, scored, rows: list[int]) -> "MicroBatch":
+        """These rows of a scored Arrow table (Python lists for these rows only: a worker holds the
+        scored set in Arrow's compact form, not as Python objects)."""
+        picked = scored.take(pa.array(list(rows), pa.int64()))
+        column = lambda name: picked.column(name).to_pylist()  # noqa: E731
+        return cls(prompt_ids=column("prompt_ids"), completion_ids=column("completion_ids"),
+                   kl_completion_ids=column("kl_completion_ids"),
+                   labels=torch.tensor(column("label"), dtype=torch.bool),
+                   ref_logp=torch.tensor(column("ref_logp"), dtype=torch.float32),
+                   ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32))
+
+
+def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int) -> list[list[int]]:
+    """Which of this rank's rows (indices into the micro-batches laid end to end) share a forward.
+
+    0: the scheduled micro-batches. Otherwise rows of similar length, under `max_tokens` padded
+    tokens a forward: padding is most of the waste on real feedback, and the sums the step
+    takes do not depend on how rows are grouped.
+    """
+    if max_tokens <= 0:
+        starts = np.cumsum([0] + [len(mb.prompt_ids) for mb in micro_batches])
+        return [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    lengths = [len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, getattr(mb, completions))]
+    return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths))
+
+
+def _padded(groups: list[list[int]], equal: bool, device: torch.device) -> list[Optional[list[int]]]:
+    """The rank's forward groups, padded with `None` (a forward that counts for nothing) up to the
+    busiest rank's count where the engine needs every rank to run the same forwards."""
+    if not equal or world_size() == 1:
+        return groups
+    count = torch.tensor([len(groups)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return groups + [None] * (int(count.item()) - len(groups))
+
+
+def _concatenated(micro_batches: list[MicroBatch]) -> MicroBatch:
+    """This rank's rows of a step laid end to end (a rank may hold none: a last partial batch
+    smaller than the worker count)."""
+    return MicroBatch(
+        prompt_ids=[p for mb in micro_batches for p in mb.prompt_ids],
+        completion_ids=[c for mb in micro_batches for c in mb.completion_ids],
+        kl_completion_ids=[c for mb in micro_batches for c in mb.kl_completion_ids],
+        labels=torch.cat([mb.labels for mb in micro_batches] + [torch.zeros(0, dtype=torch.bool)]),
+        ref_logp=torch.cat([mb.ref_logp for mb in micro_batches] + [torch.zeros(0)]),
+        ref_kl_logp=torch.cat([mb.ref_kl_logp for mb in micro_batches] + [torch.zeros(0)]),
+    )
+
+
+def _device(engine) -> torch.device:
+    return next(engine.module.parameters()).device
+
+
+def _batch(rows: list[int], prompt_ids: list, completion_ids: list, pad_token_id: int, device) -> dict:
+    if not rows:  # a forward that counts for nothing (ZeRO needs every rank to run as many as the busiest)
+        return collate([[pad_token_id]], [[pad_token_id]], pad_token_id, device)
+    return collate([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], pad_token_id, device)
+
+
+def logps_without_grad(engine, prompt_ids: list, completion_ids: list, groups: list[list[int]],
+                       pad_token_id: int) -> torch.Tensor:
+    """Summed completion log-probs of this rank's rows, in row order, float32, no gradient, one
+    forward a group. Every rank calls it (an engine that needs equal forwards pads the groups)."""
+    device = _device(engine)
+    out = torch.zeros(len(prompt_ids), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for group in _padded(groups, engine.equal_forwards, device):
+            logps = sequence_logps(engine.module, _batch(group or [], prompt_ids, completion_ids, pad_token_id, device))
+            if group:
+                out[group] = logps
+    return out
+
+
+def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward: bool) -> dict:
+    """The forwards of one KTO step over every rank's rows, with the step's global sums; with
+    `backward`, each group's share of the loss is back-propagated (the update is the caller's).
+
+    z0 first: a no-grad forward on every KL pair, one all-reduce of [sum of KL log-ratios, count],
+    then clamp and detach. Every forward of the step then sees the same reference point, whatever
+    the worker count or grouping.
+    """
+    model = engine.module
+    device = _device(engine)
+    rows = _concatenated(micro_batches)
+
+    kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
+    kl_logps = logps_without_grad(engine, rows.prompt_ids, rows.kl_completion_ids, kl_groups, s.pad_token_id)
+    kl_totals = torch.stack([(kl_logps - rows.ref_kl_logp.to(device)).double().sum(),
+                             torch.tensor(float(len(rows.prompt_ids)), dtype=torch.float64, device=device)])
+    all_reduce_sum(kl_totals)
+    global_rows = kl_totals[1].clamp(min=1)
+    kl_unclamped = kl_totals[0] / global_rows
+    z0 = kl_unclamped.clamp(min=0).float().detach()
+
+    # loss, rewards and log-probs by side, tokens, rows on the right side of z0 (implied-reward accuracy)
+    stats = torch.zeros(9, dtype=torch.float64, device=device)
+    groups = forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward)
+    with contextlib.nullcontext() if backward else torch.no_grad():
+        for group in _padded(groups, engine.equal_forwards, device):
+            batch = _batch(group or [], rows.prompt_ids, rows.completion_ids, s.pad_token_id, device)
+            logps = sequence_logps(model, batch)
+            if not group:
+                if backward:
+                    engine.backward(logps.sum() * 0.0)
+                continue
+            labels, ref_logp = rows.labels[group].to(device), rows.ref_logp[group].to(device)
+            losses = kto_loss(logps, ref_logp, labels, z0, beta=s.beta, desirable_weight=s.desirable_weight,
+                              undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
+            if backward:
+                engine.backward(losses.sum() / global_rows.float())
+            ratios = (logps - ref_logp).detach()
+            rewards = (s.beta * ratios).double()
+            chosen = labels.double()
+            right = torch.where(labels, ratios - z0 > 0, ratios - z0 < 0)
+            stats += torch.stack([
+                losses.detach().double().sum(),
+                (rewards * chosen).sum(), chosen.sum(),
+                (rewards * (1 - chosen)).sum(), (1 - chosen).sum(),
+                (logps.detach().double() * chosen).sum(), (logps.detach().double() * (1 - chosen)).sum(),
+                batch["attention_mask"].sum().double(), right.double().sum(),
+            ])
+    all_reduce_sum(stats)
+    loss_sum, chosen_sum, n_chosen, rejected_sum, n_rejected, chosen_logps, rejected_logps, tokens, right = \
+        stats.tolist()
+
+    def mean(total, count):
+        return total / count if count else None
+
+    chosen_reward, rejected_reward = mean(chosen_sum, n_chosen), mean(rejected_sum, n_rejected)
+    return {
+        "loss": loss_sum / global_rows.item(),
+        "kl": z0.item(),
+        "kl_unclamped": kl_unclamped.item(),
+        "rewards/chosen": chosen_reward,
+        "rewards/rejected": rejected_reward,
+        "rewards/margins": (chosen_reward - rejected_reward
+                            if chosen_reward is not None and rejected_reward is not None else None),
+        "logps/chosen": mean(chosen_logps, n_chosen),
+        "logps/rejected": mean(rejected_logps, n_rejected),
+        "accuracy": right / global_rows.item(),
+        "num_tokens": int(tokens),
+        "examples": int(kl_totals[1].item()),
+    }
+
+
+def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
+    """One optimizer step over a global batch; returns its globally aggregated metrics."""
+    metrics = _kto_pass(engine, micro_batches, s, backward=True)
+    metrics.pop("accuracy")  # (of the weights before this step's update; eval reports it)
+    metrics["learning_rate"] = engine.learning_rate()
+    metrics["grad_norm"] = engine.step()
+    return metrics
+
+
+EVAL_METRICS = ("loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins", "accuracy",
+                "examples")
+
+
+def eval_step(engine, eval_rows: MicroBatch, s: StepSettings) -> dict:
+    """Held-out metrics of the policy as it is now, under `eval/` names: the same forwards and
+    all-reduced sums as a training step over every rank's share of the eval rows, one batch, no
+    update. accuracy: the share of rows whose implied reward falls on their label's side of z0."""
+    # (no scheduled micro-batches here: the eval set is one batch, grouped under a token budget)
+    budget = dataclasses.replace(s, max_tokens_per_forward=s.max_tokens_per_forward or 4096)
+    engine.module.eval()  # lora.dropout, the one dropout training may keep, stays out of held-out numbers
+    try:
+        metrics = _kto_pass(engine, [eval_rows], budget, backward=False)
+    finally:
+        engine.module.train()
+    return {f"eval/{name}": metrics[name] for name in EVAL_METRICS}
