@@ -39,18 +39,25 @@ def entrypoint(config_path: str, overrides: list[str], working_dir: str) -> str:
     return shlex.join(words)
 
 
-def submit(address: str, config_path: str, overrides: list[str], working_dir: str = PROJECT_ROOT,
-           install_requirements: bool = True, follow: bool = False, extras: list[str] = (),
-           more_requirements: list[str] = ()) -> int:
-    """Submit `launch.py train` as a job: the project's requirements (those of `extras` too) and
-    `more_requirements` go into the job's pip environment."""
-    client = JobSubmissionClient(address)
-    # No env_vars here: the job's driver sets the run's own (offline, ...) when it joins the cluster,
-    # and Ray refuses a job whose runtime_env and driver set the same variable.
+def job_runtime_env(working_dir: str, install_requirements: bool = True, extras: list[str] = (),
+                    more_requirements: list[str] = ()) -> dict:
+    """The job's runtime environment: the working directory, and as its pip environment the
+    project's requirements (those of `extras` too) unless the cluster's image has them, plus
+    `more_requirements`. No env_vars here: the job's driver sets the run's own (offline, ...) when
+    it joins the cluster, and Ray refuses a job whose runtime_env and driver set the same variable."""
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
     requirements = (project_requirements(extras) if install_requirements else []) + list(more_requirements)
     if requirements:
         runtime_env["pip"] = requirements
+    return runtime_env
+
+
+def submit(address: str, config_path: str, overrides: list[str], working_dir: str = PROJECT_ROOT,
+           install_requirements: bool = True, follow: bool = False, extras: list[str] = (),
+           more_requirements: list[str] = ()) -> int:
+    """Submit `launch.py train` as a job (see job_runtime_env); with `follow`, stream its logs."""
+    client = JobSubmissionClient(address)
+    runtime_env = job_runtime_env(working_dir, install_requirements, extras, more_requirements)
     job_id = _submit_when_ready(client, entrypoint(config_path, overrides, working_dir), runtime_env)
     print(f"submitted job {job_id} to {address}", flush=True)
     print(f"  logs:   python launch.py logs {job_id} --address {address}   (or: ray job logs {job_id})")

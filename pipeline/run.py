@@ -4,7 +4,6 @@ no model and no data set; its own peak memory is recorded in summary.json."""
 
 import json
 import os
-import resource
 import time
 
 import pyarrow.parquet as pq
@@ -14,7 +13,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.pairing import build_schedule
 from pipeline.fit import check_resumable, fit
 from pipeline.stages import precompute, resolve_desirable_weight
-from pipeline.train.trackers import missing_reporters, read_metrics
+from pipeline.train.trackers import missing_reporters, peak_rss_mib, read_metrics
 from pipeline.train.worker import WorkerPlan
 
 
@@ -62,7 +61,7 @@ def train(config: Config) -> dict:
         "eval_after": state.eval_after, "resumed": resumed, "strategy": config.scaling.strategy,
         "train_time_s": round(train_time, 1), "train_tokens_per_s": round(tokens / step_time, 1),
         "wall_time_s": round(time.time() - started, 1),
-        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "driver_peak_rss_mib": peak_rss_mib(),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -5,6 +5,7 @@ not grow with the model."""
 
 import json
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,8 +152,10 @@ def test_the_driver_holds_no_model(tiny_run, tmp_path_factory):
     config, runs, _, tiny_summary, _ = tiny_run
     big = make_tiny_model(str(tmp_path_factory.mktemp("big-llama")), tokenizer_text(), hidden_size=1024,
                           num_hidden_layers=6)
+    # (one checkpoint, at the end: a checkpoint of this model is 0.8 GB, and how often one is
+    # written does not change what the driver holds)
     result = launch("train", "--config", config, "--set", f"model.name_or_path={big}", "--set",
-                    "output.run_name=big")
+                    "output.run_name=big", "--set", "training.save_steps=0")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((runs / "big" / "summary.json").read_text())
     from transformers import AutoConfig
@@ -192,6 +195,14 @@ def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path
     assert result.returncode == 2 and "nowhere" in result.stderr and "does not exist" in result.stderr
     result = launch_here("train", "--config", config, "--set", "kto.bta=0.2")
     assert result.returncode == 2 and "unknown key 'kto.bta'" in result.stderr
+    # The bfloat16 reference against the float32 trainers, with a bound below its drift: the workers
+    # measure the gap before the first update and the run stops with the message, whichever worker found it.
+    result = launch_here("train", "--config", config, "--set", "reference.drift_max_abs=0.001", "--set",
+                         "output.run_name=drifted")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(r"error: at step 0 the reference log-probs \(hf, bfloat16\) differ from the trainer's own by up "
+                     r"to .* above reference.drift_max_abs = 0.001.*--set reference.dtype=float32", result.stderr)
+    assert not (tiny_run[1] / "drifted" / "metrics.jsonl").exists()  # no step was taken
 
 
 def _check_report(run, summary: dict) -> None:

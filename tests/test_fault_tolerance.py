@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, launch_here, write_feedback
 
 pytestmark = pytest.mark.slow
-STEPS = 15
+STEPS = 24
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +50,38 @@ def _weights(run) -> dict:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def _start(config: str, run_name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "launch.py", "train", "--config", config, "--set",
-                             f"output.run_name={run_name}"], cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},  # for the kill
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+class Run:
+    """`launch.py train` in a process of its own, its output read as it comes."""
+
+    def __init__(self, config: str, run_name: str, run_dir):
+        self.metrics = run_dir / "metrics.jsonl"
+        self.process = subprocess.Popen(
+            [sys.executable, "launch.py", "train", "--config", config, "--set", f"output.run_name={run_name}"],
+            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},  # for the kill
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
+
+    def wait_for(self, step: int, said: str = "", registered: bool = False) -> None:
+        """Until metrics.jsonl has `step` lines, the output holds `said` and, with `registered`, Ray
+        Train's controller has registered a checkpoint (it collects the workers' reports when it
+        polls them, so a checkpoint written a moment before a worker dies may never count)."""
+        snapshot = self.metrics.parent / "ray_train" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.metrics.exists() and len(self.metrics.read_text().splitlines()) >= step and (
+                    said in "".join(self.lines)) and (not registered or _registered(snapshot)):
+                return
+            assert self.process.poll() is None, "".join(self.lines)[-3000:]
+            time.sleep(0.02)
+        raise TimeoutError(f"no step {step} in {self.metrics}, or no {said!r} in the output")
 
 
-def _wait_for_step(run, step: int, process: subprocess.Popen) -> None:
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
-            return
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        time.sleep(0.02)
-    raise TimeoutError(f"no step {step} in {metrics}")
+def _registered(snapshot) -> bool:
+    try:
+        return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):  # not written yet, or being written
+        return False
 
 
 def _check_finished_like(run, uninterrupted: dict) -> None:
@@ -80,16 +97,16 @@ def test_a_killed_worker_and_then_a_killed_driver_lose_no_step(setup):
     checkpoint; the same command again resumes a run whose driver was killed."""
     config, runs, uninterrupted = setup
     run = runs / "killed"
-    process = _start(config, "killed")
-    _wait_for_step(run, 4, process)  # a checkpoint at 3; step 4 is not in one
+    killed = Run(config, "killed", run)
+    killed.wait_for(4, registered=True)  # a checkpoint every 3 steps; step 4 is not in one
     victim = next(w for w in json.loads((run / "workers.json").read_text()) if w["rank"] == 1)
     os.kill(victim["pid"], signal.SIGKILL)
-    _wait_for_step(run, 7, process)  # the restarted group went on from the latest registered checkpoint
+    # The restarted group goes on from the latest registered checkpoint.
+    killed.wait_for(7, said="resuming from the checkpoint of step")
     restarted = json.loads((run / "workers.json").read_text())
     assert victim["pid"] not in {w["pid"] for w in restarted}  # a new worker group did the rest
-    process.kill()  # now the driver, between the checkpoints of steps 6 and 9
-    output, _ = process.communicate()
-    assert "resuming from the checkpoint of step" in output, output[-3000:]
+    killed.process.kill()  # now the driver, in the middle of the run
+    killed.process.wait()
     assert len((run / "metrics.jsonl").read_text().splitlines()) < STEPS  # killed before the end
 
     again = launch_here("train", "--config", config, "--set", "output.run_name=killed")

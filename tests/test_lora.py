@@ -9,19 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import direct_eval, tiny_config, write_feedback
+from conftest import direct_eval, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-data")
-    return (write_feedback(str(root / "feedback.parquet"), rows=12),
-            write_feedback(str(root / "heldout.parquet"), rows=7, seed=5))
-
-
 def _train(tmp_path, tiny_model, data, **overrides):
+    """On the session's reference data (10 rows, 7 held out), whose stages are cached."""
     from pipeline.run import train
     from pipeline.stages import precompute
 
@@ -34,9 +28,9 @@ def _train(tmp_path, tiny_model, data, **overrides):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model, data, ray_local):
+def lora_run(tmp_path_factory, tiny_model, reference_data, ray_local):
     """ddp, 1 worker, adapters on q_proj and v_proj, the merged model written too."""
-    return _train(tmp_path_factory.mktemp("lora"), tiny_model, data, **{"lora.save_merged": True,
+    return _train(tmp_path_factory.mktemp("lora"), tiny_model, reference_data, **{"lora.save_merged": True,
                                                                          "output.run_name": "lora"})
 
 
@@ -73,9 +67,9 @@ def test_adapters_train_base_stays_and_the_adapter_reloads(tiny_model, lora_run)
         assert final[f"eval/{key}"] == pytest.approx(direct[key], rel=1e-4, abs=1e-5), key
 
 
-def test_zero2_with_two_workers_trains_the_same_adapters_as_ddp(tmp_path, tiny_model, data, lora_run):
+def test_zero2_with_two_workers_trains_the_same_adapters_as_ddp(tmp_path, tiny_model, reference_data, lora_run):
     ddp, _, _ = lora_run
-    zero2, _, _ = _train(tmp_path, tiny_model, data, **{
+    zero2, _, _ = _train(tmp_path, tiny_model, reference_data, **{
         "output.run_name": "lora-zero2", "scaling.num_workers": 2, "training.per_device_train_batch_size": 2,
         "scaling.strategy": "deepspeed", "deepspeed.zero_stage": 2, "scaling.embedded_num_cpus": 4})
     one = load_file(os.path.join(ddp.run_dir, "model", "adapter_model.safetensors"))

@@ -92,6 +92,18 @@ def _flat(params: dict, prefix: str = "") -> dict:
     return flat
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident memory, MiB: VmHWM where Linux reports it. (getrusage's
+    ru_maxrss is no good here: a process started by fork and exec inherits its parent's peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            return round(int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024)
+    except (OSError, StopIteration):
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def missing_reporters(report_to: list[str]) -> list[str]:
     """The pip packages that `report_to` needs and this Python lacks (checked once, on the driver)."""
     import importlib.util

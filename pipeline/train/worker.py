@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pipeline.train.checkpoint import TrainerState
 from pipeline.train.engines import all_gather_objects, build_engine, deepspeed_settings
 from pipeline.train.held_out import HeldOut
 from pipeline.train.step import SCORED_COLUMNS, MicroBatch, StepSettings, train_step
-from pipeline.train.trackers import MetricsLog
+from pipeline.train.trackers import MetricsLog, peak_rss_mib
 
 
 @dataclass
@@ -88,7 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         started = time.perf_counter()
         metrics = {"step": step + 1, **train_step(engine, micro_batches, settings)}
         metrics["step_time_s"] = round(time.perf_counter() - started, 3)
-        metrics["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        metrics["peak_rss_mib"] = peak_rss_mib()
         state.step = done = step + 1
         last = done == total_steps
         if held_out and (last or (config.eval.eval_steps and done % config.eval.eval_steps == 0)):
