@@ -1,19 +1,14 @@
 """Tokenization, once, in Ray Data tasks: each input row becomes its KTO examples with token ids,
 or a quarantine reason. The driver's streamed stage (stage.py) consumes what this returns."""
 
-from __future__ import annotations
-
 import functools
 import hashlib
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.data.formats import FORMAT_COLUMNS, DataError, render, to_examples
-
-if TYPE_CHECKING:
-    from pipeline.data.stage import DataSettings
 
 # What tokenize_batch adds to the input columns.
 ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
@@ -45,8 +40,9 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Optio
         return out
 
 
-def tokenize_batch(batch: pa.Table, fmt: str, settings: DataSettings) -> pa.Table:
-    """Ray Data task: each input row becomes its examples, with the original columns repeated.
+def tokenize_batch(batch: pa.Table, fmt: str, settings) -> pa.Table:
+    """Ray Data task: each input row becomes its examples, with the original columns repeated
+    (`settings`: the stage's DataSettings).
 
     Prompt: the tokenizer's special tokens (BOS where it has one; none when a chat template
     already wrote them), truncated from the left to max_prompt_length. Completion: EOS appended
