@@ -228,7 +228,27 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
         raw.setdefault(section, {})[name] = yaml.safe_load(value)
     config = _build(Config, raw, "")
     validate(config)
-    return config
+    return _absolute_paths(config)
+
+
+def _absolute_paths(config: Config) -> Config:
+    """Relative paths are relative to where launch.py runs. They are made absolute here, once, because
+    the config crosses the Ray boundary and Ray workers run in folders of their own."""
+    def local(path):
+        return os.path.abspath(path) if path and "://" not in path else path
+
+    def model(name):  # a local folder, not a hub name or a gguf-wheel: module
+        return os.path.abspath(name) if name and os.path.isdir(name) else name
+
+    c = config
+    return dataclasses.replace(
+        c, data=dataclasses.replace(c.data, path=local(c.data.path)),
+        model=dataclasses.replace(c.model, name_or_path=model(c.model.name_or_path), cache_dir=local(c.model.cache_dir)),
+        reference=dataclasses.replace(c.reference, model=model(c.reference.model), cache_dir=local(c.reference.cache_dir)),
+        eval=dataclasses.replace(c.eval, path=local(c.eval.path)),
+        output=dataclasses.replace(c.output, output_dir=local(c.output.output_dir),
+                                   storage_path=local(c.output.storage_path)),
+        retrain=dataclasses.replace(c.retrain, registry_dir=local(c.retrain.registry_dir)))
 
 
 def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[str, str]:

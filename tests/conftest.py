@@ -148,9 +148,9 @@ def reference_runs(tmp_path_factory, tiny_model, reference_data, ray_local) -> d
 
 
 def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python launch.py ARGS` from the project root, in a process of its own, as a user runs it
+    """`python launch.py ARGS` in the current folder, in a process of its own, as a user runs it
     (with its own embedded Ray)."""
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args],
                           env={**(env or os.environ), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=900)
 

