@@ -100,7 +100,7 @@ class Exit(enum.IntEnum):
     OK = 0
     NOT_TRAINABLE = 1  # validate: the data cannot train; submit --follow / logs --follow: the job did not succeed
     BAD_INPUT = 2  # a config, data, drift or job-command error; the message on stderr says what to change
-    TRAINING_FAILED = 3  # a worker kept failing after scaling.max_failures restarts; checkpoints are kept
+    TRAINING_FAILED = 3  # train / retrain: a worker kept failing after scaling.max_failures restarts
     LOCK_HELD = 75  # retrain: another cycle holds the registry's lock (EX_TEMPFAIL: try again later)
     STOPPED = 143  # retrain: stopped by SIGTERM (128 + 15); the cycle is recorded as failed
 
@@ -198,14 +198,22 @@ def report(args) -> int:
 
 
 def retrain(args) -> int:
+    from ray.train import TrainingFailedError
+
     from pipeline.retrain.cycle import Interrupted, retrain as run_cycle
     from pipeline.retrain.registry import LockHeld
 
+    config = load(args)
     try:
-        cycle = run_cycle(load(args))
+        cycle = run_cycle(config)
     except LockHeld as error:
         print(f"error: {error}", file=sys.stderr)
         return Exit.LOCK_HELD
+    except TrainingFailedError as error:
+        print(f"error: the cycle's training failed (scaling.max_failures = {config.scaling.max_failures} restarts "
+              f"allowed): {error}\nThe cycle is recorded as failed; its partitions stay for the next one.",
+              file=sys.stderr)
+        return Exit.TRAINING_FAILED
     except Interrupted:
         print("stopped by SIGTERM: the cycle is recorded as failed, its partitions stay unconsumed", file=sys.stderr)
         return Exit.STOPPED

@@ -9,7 +9,7 @@ import ray
 import ray.data
 
 from pipeline.config import Config, ConfigError
-from pipeline.console import QUIET_VARIABLES
+from pipeline.console import QUIET_VARIABLES, ray_log_level
 from pipeline.train.trackers import TRACKERS
 
 
@@ -34,14 +34,14 @@ def start_ray(config: Config) -> None:
     cpus_per_worker = float(s.resources_per_worker.get("CPU", 1))
     if not ray.is_initialized():
         if s.address:
-            ray.init(address=s.address, runtime_env=runtime_env(config))
+            ray.init(address=s.address, runtime_env=runtime_env(config), logging_level=ray_log_level())
         else:
             # Ray Data needs CPUs of its own beside the training workers, or it waits forever.
             r = config.reference
             busiest = max(s.num_workers * cpus_per_worker, r.num_replicas * r.num_cpus_per_replica)
             num_cpus = s.embedded_num_cpus or int(math.ceil(busiest)) + 2
             # "local": a new instance even where `ray start` left a cluster address in /tmp/ray
-            ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env(config))
+            ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env(config), logging_level=ray_log_level())
     available = ray.cluster_resources()
     wanted_cpus = s.num_workers * cpus_per_worker + 1
     if available.get("CPU", 0) < wanted_cpus:

@@ -18,18 +18,32 @@ def bar(description: str, total: int | None = None, unit: str = "rows") -> tqdm:
 
 # Variables that quiet_ray sets on the driver and the run's runtime environment hands to every Ray process.
 QUIET_VARIABLES = ("HF_HUB_DISABLE_PROGRESS_BARS",)
+_quiet = False
 
 
 def quiet_ray() -> None:
     """Keep Ray Data's per-operator progress, Ray's INFO lines and every process's model-loading
     bars out of the user's way (--verbose shows them)."""
+    global _quiet
     import ray.data
 
+    _quiet = True
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' "Loading weights" bars, on every worker
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Notices that read like faults: "Token authentication is enabled for this Ray cluster" and
+    # "Progress bars disabled" (as asked, just above).
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def ray_log_level() -> int:
+    """The level of Ray's own console lines: the driver's `ray` logger (ray.init) and Ray Train's
+    controller and workers (RunConfig's logging_config). Quiet: warnings and errors only. The
+    workers' own output and errors still reach the console."""
+    return logging.WARNING if _quiet else logging.INFO
 
 
 class StepProgress:

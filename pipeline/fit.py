@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pipeline.config import Config, ConfigError
-from pipeline.console import StepProgress
+from pipeline.console import StepProgress, ray_log_level
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainerState
 from pipeline.train.drift import DriftError
@@ -71,8 +71,7 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
     """The Ray Train run over the scheduled steps (resumed where checkpoints exist); copies the last
     checkpoint's model (and merged model) and metrics into the run directory. Returns the last
     checkpoint's trainer state (step-0 drift, held-out checks) and the wall time in seconds."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.exceptions import WorkerGroupError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     s, t = config.scaling, config.training
     _, folder, storage_path = checkpoint_storage(config)
@@ -84,19 +83,19 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(name=os.path.basename(folder), storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit or None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit or None),
+                             logging_config=LoggingConfig(log_level=logging.getLevelName(ray_log_level()))),
     )
     started = time.time()
-    try:
-        with StepProgress(config.run_dir, total_steps):
-            result = trainer.fit()
-    except WorkerGroupError as error:  # the step-0 drift check stops a run on every worker, every attempt
-        drifted = [failure for failure in error.worker_failures.values() if isinstance(failure, DriftError)]
-        if drifted:
-            raise DriftError(drifted[0].args[0] if drifted[0].args else str(drifted[0])) from None
-        raise
+    with StepProgress(config.run_dir, total_steps):
+        result = trainer.fit()
     elapsed = time.time() - started
-    return checkpoint.copy_results(result.checkpoint, config.run_dir), elapsed
+    state = checkpoint.read_state(result.checkpoint)
+    if state.step0_drift and "error" in state.step0_drift:  # the workers stopped before any update
+        delete_checkpoints(config)  # nothing was trained: a corrected run starts afresh
+        raise DriftError(state.step0_drift["error"])
+    checkpoint.copy_results(result.checkpoint, config.run_dir)
+    return state, elapsed
 
 
 def torch_trainer_class(embedded: bool):

@@ -3,6 +3,7 @@ the Ray Train run (fit.py), and the run directory's summary. The driver orchestr
 no model and no data set; its own peak memory is recorded in summary.json."""
 
 import json
+import logging
 import os
 import time
 
@@ -15,6 +16,8 @@ from pipeline.fit import check_resumable, fit
 from pipeline.stages import precompute, resolve_desirable_weight
 from pipeline.train.trackers import missing_reporters, peak_rss_mib, read_metrics
 from pipeline.train.worker import WorkerPlan
+
+log = logging.getLogger("kto")
 
 
 def train(config: Config) -> dict:
@@ -44,6 +47,8 @@ def train(config: Config) -> dict:
                       scored_path=prepared.scored_path, eval_scored_path=prepared.eval_scored_path,
                       schedule_path=schedule_path, pad_token_id=prepared.pad_token_id,
                       desirable_weight=desirable_weight)
+    log.info("training: %d steps of %d examples on %d workers (%s)", total_steps, config.global_batch_size,
+             config.scaling.num_workers, config.scaling.strategy)
     state, train_time = fit(config, plan, total_steps)
 
     steps = read_metrics(run_dir)

@@ -99,9 +99,14 @@ def _prepare(config: Config, source: str, data_path: str, model_path: str, refer
     for part in sorted(glob.glob(os.path.join(counts["rejected_dir"], "*.parquet"))):
         os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
         shutil.copyfile(part, os.path.join(config.run_dir, "rejected", f"{source}-{os.path.basename(part)}"))
+    held_out = f", {counts['held_out']} held out for eval" if counts.get("held_out") else ""
+    log.info("data (%s): %d examples read, %d kept%s, %d rejected%s", source, counts["read"], counts["kept"], held_out,
+             counts["rejected"], f" (rows and reasons in {config.run_dir}/rejected)" if counts["rejected"] else "")
     check_counts(config, counts, data_path)
     scored_path, cache_hit = _score(config, os.path.join(folder, "examples"), counts["longest_sequence"],
                                     reference_path, pad_token_id)
+    log.info("reference (%s): %d examples %s", source, counts["kept"],
+             "from the cache" if cache_hit else f"scored ({config.reference.backend}, {config.reference.dtype})")
     return scored_path, {**counts, "fingerprint": os.path.basename(folder), "reference_cache_hit": cache_hit}, folder
 
 

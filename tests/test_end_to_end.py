@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory, tiny_model, ray_local):
     """A config file (hive partitions, one bad row of each kind, an extra column; the eval set split
     off the data; a bfloat16 reference, so the trainers' step-0 drift check runs), `precompute` in
     this process, then `train` as a user runs it: (config path, runs folder, precompute's output,
-    the first summary.json, train's stdout). The config's paths are relative, as a user writes them:
+    the first summary.json, train's finished process). The config's paths are relative, as a user writes them:
     the module runs in the run's folder, and the Ray workers (which run in folders of their own) must
     get them resolved against it."""
     tmp_path = tmp_path_factory.mktemp("e2e")
@@ -67,17 +67,27 @@ def _first_run(tmp_path, tiny_model):
     first = launch("train", "--config", str(path))
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())
-    return str(path), tmp_path / "runs", first_json(scored.stdout), summary, first.stdout
+    return str(path), tmp_path / "runs", first_json(scored.stdout), summary, first
 
 
 def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run):
-    config, runs, precomputed, summary, stdout = tiny_run
+    config, runs, precomputed, summary, first = tiny_run
+    stdout = first.stdout
     assert os.path.isfile(precomputed["scored"]) and precomputed["data"]["reference_cache_hit"] is False
     run = runs / "first"
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl",
                  "summary.json", "config.yaml", "rejected/train-part-00000.parquet"):
         assert (run / name).is_file(), name
     assert f"run directory: {run}" in stdout and "held-out  after training" in stdout
+    # The console keeps the stages and the results; Ray's notices and INFO lines stay out (--verbose).
+    counts = summary["data"]
+    for line in (f"data (train): 29 examples read, {counts['kept']} kept, {counts['held_out']} held out for eval, 3 "
+                 "rejected", f"reference (train): {counts['kept']} examples from the cache",  # (precompute's)
+                 "training: 3 steps of 8 examples on 2 workers (ddp)"):
+        assert line in first.stderr, (line, first.stderr[-3000:])
+    for noise in ("Token authentication is enabled", "Started a local Ray instance", "Reporting training result",
+                  "Attempting to start training worker group", "Progress bars disabled", "Loading weights"):
+        assert noise not in first.stderr + stdout, noise
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,13 +217,15 @@ def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path
     result = launch_here("train", "--config", config, "--set", "kto.bta=0.2")
     assert result.returncode == 2 and "unknown key 'kto.bta'" in result.stderr
     # The bfloat16 reference against the float32 trainers, with a bound below its drift: the workers
-    # measure the gap before the first update and the run stops with the message, whichever worker found it.
+    # measure the gap before the first update and the run stops with the message. It is not a worker
+    # failure: with restarts unlimited, a check that raised in the workers would be retried forever.
     result = launch_here("train", "--config", config, "--set", "reference.drift_max_abs=0.001", "--set",
-                         "output.run_name=drifted")
+                         "output.run_name=drifted", "--set", "scaling.max_failures=-1")
     assert result.returncode == 2, result.stderr[-3000:]
     assert re.search(r"error: at step 0 the reference log-probs \(hf, bfloat16\) differ from the trainer's own by up "
                      r"to .* above reference.drift_max_abs = 0.001.*--set reference.dtype=float32", result.stderr)
-    assert not (tiny_run[1] / "drifted" / "metrics.jsonl").exists()  # no step was taken
+    assert not (tiny_run[1] / "drifted" / "metrics.jsonl").exists()  # no step was taken ...
+    assert not (tiny_run[1] / "drifted" / "ray_train").exists()  # ... and a corrected run starts afresh
 
 
 def _check_report(run, summary: dict) -> None:

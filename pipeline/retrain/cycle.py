@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cluster import start_ray
 from pipeline.config import Config, ConfigError
+from pipeline.models import resolve_model_path
 from pipeline.retrain.ledger import Ledger
-from pipeline.models import local_model_path
 from pipeline.retrain.registry import RetrainLock, discover_partitions, point_current
 
 log = logging.getLogger("kto")
@@ -60,7 +61,8 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
     failed = ledger.fail_unfinished("the cycle's process died (killed, or its machine stopped) before it finished")
     if failed:
         log.warning("cycles %s never finished; recorded as failed, their partitions stay unconsumed", failed)
-    base = local_model_path(config.model.name_or_path, config.model.cache_dir)  # (converted, if need be, by train)
+    start_ray(config)
+    base = resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a GGUF converted in a Ray task
     promoted = ledger.promoted_model()
     if promoted:
         point_current(registry, promoted)  # the ledger is the truth; repair a switch a kill interrupted

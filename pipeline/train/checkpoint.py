@@ -67,6 +67,19 @@ def save(engine, state: TrainerState, history: list[str], metrics: dict, rank: i
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
 
+def save_state_only(state: TrainerState, rank: int) -> None:
+    """A checkpoint of trainer_state.json alone (a collective: every rank calls it): how the workers
+    tell the driver that the run must not start (the step-0 drift check) without raising an error,
+    which Ray Train would retry scaling.max_failures times, reloading the model each time."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        if rank == 0:
+            with open(os.path.join(folder, STATE), "w") as f:
+                json.dump(dataclasses.asdict(state), f)
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+
+
 def restore(folder: str) -> tuple[TrainerState, list[str]]:
     """A resuming worker's state and metrics lines; restores the RNG. The model (model_dir) and
     the engine's state (load_engine) are read once the engine is built."""
@@ -89,9 +102,15 @@ def load_engine(folder: str, engine) -> None:
     engine.load(_engine_state(folder, engine))
 
 
-def copy_results(checkpoint, run_dir: str) -> TrainerState:
+def read_state(checkpoint) -> TrainerState:
+    """The driver's view of a checkpoint (a local path, NFS, s3://): its trainer state."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE}") as source:
+        return TrainerState(**json.loads(source.read()))
+
+
+def copy_results(checkpoint, run_dir: str) -> None:
     """The driver's part: the last checkpoint's model/ (and merged/), and metrics.jsonl, copied into
-    the run directory from wherever the checkpoints live (a local path, NFS, s3://); its state."""
+    the run directory from wherever the checkpoints live."""
     filesystem, root = checkpoint.filesystem, checkpoint.path
     for name in (MODEL, MERGED):
         target = os.path.join(run_dir, name)
@@ -103,5 +122,3 @@ def copy_results(checkpoint, run_dir: str) -> TrainerState:
     with filesystem.open_input_stream(f"{root}/{METRICS}") as source, \
             open(os.path.join(run_dir, METRICS), "wb") as target:
         target.write(source.read())
-    with filesystem.open_input_stream(f"{root}/{STATE}") as source:
-        return TrainerState(**json.loads(source.read()))

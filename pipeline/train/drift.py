@@ -65,9 +65,12 @@ def measure(engine, sample: pa.Table, rank: int, pad_token_id: int, max_tokens: 
         engine.module.train()
     per_sequence = (ours - cached).abs()
     per_token = per_sequence / torch.tensor([max(len(c), 1) for c in completions], dtype=torch.float64)
-    sums = all_reduce_sum(torch.tensor([per_sequence.sum(), per_token.sum(), len(completions)], dtype=torch.float64))
+    device = next(engine.module.parameters()).device  # NCCL, on GPUs, reduces device tensors only
+    sums = all_reduce_sum(torch.tensor([per_sequence.sum(), per_token.sum(), len(completions)], dtype=torch.float64,
+                                       device=device)).cpu()
     maxima = all_reduce_max(torch.tensor([per_sequence.max() if len(completions) else 0.0,
-                                          per_token.max() if len(completions) else 0.0], dtype=torch.float64))
+                                          per_token.max() if len(completions) else 0.0], dtype=torch.float64,
+                                         device=device)).cpu()
     sequences = int(sums[2].item())
     return {"rows": sample.num_rows, "sequences": sequences,
             "mean_abs_per_sequence": sums[0].item() / max(sequences, 1), "max_abs_per_sequence": maxima[0].item(),

@@ -15,10 +15,9 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 
 from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
-from pipeline.train.engines import all_reduce_sum, world_size
+from pipeline.train.engines import all_reduce_max, all_reduce_sum, world_size
 from pipeline.train.loss import kto_loss
 
 # The columns of the scored data set that a step reads.
@@ -84,8 +83,7 @@ def _padded(groups: list[list[int]], equal: bool, device: torch.device) -> list[
     busiest rank's count where the engine needs every rank to run the same forwards."""
     if not equal or world_size() == 1:
         return groups
-    count = torch.tensor([len(groups)], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    count = all_reduce_max(torch.tensor([len(groups)], device=device))
     return groups + [None] * (int(count.item()) - len(groups))
 
 

@@ -73,8 +73,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state.step == 0:  # a fresh start: check the reference, then evaluate the policy before any update
         state.step0_drift = drift.check(engine, config, plan.model_path, plan.reference_path, plan.scored_path, rank,
                                         plan.pad_token_id)
-        if "error" in state.step0_drift:  # every rank raises it; the driver stops the run with its message
-            raise drift.DriftError(state.step0_drift["error"])
+        if "error" in state.step0_drift:  # no update: the driver stops the run with its message
+            checkpoint.save_state_only(state, rank)
+            return
         if held_out:
             state.eval_before = held_out.check(engine, settings, tokenizer)
     state.world_size = context.get_world_size()
