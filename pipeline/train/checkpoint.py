@@ -61,8 +61,7 @@ def save(engine, state: TrainerState, history: list[str], metrics: dict, rank: i
             torch.save(torch.get_rng_state(), os.path.join(folder, RNG))
             with open(os.path.join(folder, METRICS), "w") as f:
                 f.writelines(history)
-            with open(os.path.join(folder, STATE), "w") as f:
-                json.dump(dataclasses.asdict(state), f)
+            _write_state(folder, state)
         checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
@@ -75,9 +74,13 @@ def save_state_only(state: TrainerState, rank: int) -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         if rank == 0:
-            with open(os.path.join(folder, STATE), "w") as f:
-                json.dump(dataclasses.asdict(state), f)
+            _write_state(folder, state)
         ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+
+
+def _write_state(folder: str, state: TrainerState) -> None:
+    with open(os.path.join(folder, STATE), "w") as f:
+        json.dump(dataclasses.asdict(state), f)
 
 
 def restore(folder: str) -> tuple[TrainerState, list[str]]:
