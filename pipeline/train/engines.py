@@ -129,6 +129,17 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_param: bo
     }
 
 
+def skip_deepspeed_shm_build(on_gpu: bool) -> None:
+    """On CPUs, DeepSpeed's communication backend compiles a shared-memory all-reduce with g++ the
+    first time a machine starts it (measured 55 s on 2 cores: on every fresh CI machine), a kernel
+    only its inference all-reduce calls; training's collectives go through torch.distributed
+    (gloo). Marked unavailable before DeepSpeed starts its backend, it is not built."""
+    if not on_gpu:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     equal_forwards = True
     # ZeRO-3: transformers' HfDeepSpeedConfig, which it consults through a weak reference whenever it

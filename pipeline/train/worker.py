@@ -24,7 +24,7 @@ from pipeline.config import Config
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.train import checkpoint, drift
 from pipeline.train.checkpoint import TrainerState
-from pipeline.train.engines import all_gather_objects, build_engine, deepspeed_settings
+from pipeline.train.engines import all_gather_objects, build_engine, deepspeed_settings, skip_deepspeed_shm_build
 from pipeline.train.held_out import HeldOut
 from pipeline.train.step import SCORED_COLUMNS, MicroBatch, StepSettings, train_step
 from pipeline.train.trackers import MetricsLog, peak_rss_mib
@@ -132,6 +132,8 @@ def _engine(config: Config, plan: WorkerPlan, folder: Optional[str], total_steps
     """The model (fresh, or the checkpoint's), adapters with LoRA, and the engine around them."""
     ds_config = deepspeed_settings(config)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    if ds_config:
+        skip_deepspeed_shm_build(config.scaling.use_gpu)
     if zero3:
         # While this object lives, transformers builds models inside deepspeed.zero.Init: each rank
         # materialises only its partition of the weights (a 70B model is 282 GB in float32; no
