@@ -81,7 +81,9 @@ def write_feedback(path: str, rows: int, seed: int = 0, desirable_share: float =
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": RAY_ENV})
+    # No dashboard: no test reads this Ray's (the cluster test starts one of its own), and on 2 cores
+    # its start-up and polling take CPU from the runs.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": RAY_ENV})
     yield ray
     ray.shutdown()
 
