@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 
-CACHE_FORMAT = 3  # bump when the cached columns or their meaning change
+CACHE_FORMAT = 4  # bump when the cached columns or their meaning change
 
 
 def fingerprint(files: list[str], model_folders: list[str], settings: dict) -> str:

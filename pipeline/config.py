@@ -38,7 +38,7 @@ class DataConfig:
     prompt_delimiter: str = "\n\nAssistant:"  # implicit_paired text: the prompt ends with its last shared one
     deduplicate: bool = False  # quarantine exact repeats of (prompt, completion, label) as "duplicate"
     max_rejected_fraction: float = 0.1  # stop the run when more of the rows than this are rejected
-    kl_block_size: int = 8  # m: a row takes the completion of the next row of its block of m (other prompt)
+    kl_block_size: int = 8  # m: each block of m rows is rotated so that no row meets its own prompt
     generate_demo: bool = False  # write the project's generated demo set to `path` (and eval.path) if absent
 
 

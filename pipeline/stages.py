@@ -15,7 +15,7 @@ from actors.reference import ScoringOptions
 from pipeline.cache import fingerprint
 from pipeline.cluster import start_ray
 from pipeline.config import Config
-from pipeline.data.checks import check_counts, examine, weight_advice
+from pipeline.data.checks import check_counts, examine, pairing_advice, weight_advice
 from pipeline.data.formats import DataError
 from pipeline.models import load_tokenizer, resolve_model_path
 from pipeline.scoring import score_examples
@@ -71,6 +71,9 @@ def validate_data(config: Config, data_path: str) -> dict:
     k = config.kto
     report = {**counts, "weights": weight_advice(k.desirable_weight, k.undesirable_weight,
                                                  counts["desirable"], counts["undesirable"])}
+    report["kl_pairing_advice"] = pairing_advice(counts, data_path)
+    if report["kl_pairing_advice"]:
+        log.warning(report["kl_pairing_advice"])
     try:
         check_counts(config, counts, data_path)
         return {**report, "trainable": True}
@@ -103,6 +106,9 @@ def _prepare(config: Config, source: str, data_path: str, model_path: str, refer
     log.info("data (%s): %d examples read, %d kept%s, %d rejected%s", source, counts["read"], counts["kept"], held_out,
              counts["rejected"], f" (rows and reasons in {config.run_dir}/rejected)" if counts["rejected"] else "")
     check_counts(config, counts, data_path)
+    advice = pairing_advice(counts, data_path)
+    if advice:
+        log.warning(advice)
     scored_path, cache_hit = _score(config, os.path.join(folder, "examples"), counts["longest_sequence"],
                                     reference_path, pad_token_id)
     log.info("reference (%s): %d examples %s", source, counts["kept"],

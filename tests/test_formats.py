@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -161,6 +160,11 @@ def test_hh_rlhf_transcripts_split_at_the_last_shared_assistant_turn(tmp_path, t
         pairs = sum(1 for _ in f)
     assert report["format"] == "implicit_paired" and report["source_rows"] == pairs and report["read"] == 2 * pairs
     assert report["kept"] == reference.num_rows
+    # Side-by-side pairs, rotated by 2: chosen answers pair with chosen, rejected with rejected; every
+    # block holds several prompts, so no row meets its own prompt and half of z0's completions are
+    # undesirable (the old next-other-prompt rule gave 0 of 4624 here).
+    assert report["kl_same_prompt_rows"] == 0
+    assert report["kl_undesirable_completions"] == report["undesirable"] == report["kept"] // 2
     for column in ("prompt_ids", "completion_ids", "label"):
         assert kept.column(column).equals(reference.column(column)), column
 
@@ -174,10 +178,3 @@ def test_duplicates_are_quarantined_when_asked(tmp_path, tiny_model, ray_local):
     assert rejected.column("source_row").to_pylist() == [1, 2]
     assert rejected.column("prompt").to_pylist() == ["why?", "why?"]  # the original row, whole
     assert run_stage(tmp_path, data, tiny_model, name="kept-all")[0]["kept"] == 5
-
-
-def test_kl_pairs_skip_rows_with_the_same_prompt():
-    from pipeline.data.pairing import block_partners
-
-    keys = np.array([[7, 7, 8, 9], [5, 5, 5, 5]])
-    assert block_partners(keys).tolist() == [[2, 2, 3, 0], [1, 2, 3, 0]]

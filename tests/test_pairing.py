@@ -29,6 +29,38 @@ def test_rule_is_next_row_of_the_block_with_short_last_block_folded():
     assert kl_partners(3, 8).tolist() == [1, 2, 0]
 
 
+def test_side_by_side_pairs_rotate_by_two_and_keep_both_labels_in_z0():
+    """Paired rows (A chosen, A rejected, B chosen, ...): the old rule gave all 16 rows a chosen
+    answer, each used twice; a rotation by 2 gives each row the same side of the next pair."""
+    prompts = np.repeat(np.arange(8), 2)
+    partners = kl_partners(16, 8, prompts)
+    assert partners.tolist() == [2, 3, 4, 5, 6, 7, 0, 1, 10, 11, 12, 13, 14, 15, 8, 9]
+    chosen = np.arange(16) % 2 == 0
+    assert (prompts[partners] != prompts).all() and (chosen[partners] == chosen).all()
+    assert sorted(partners) == list(range(16))  # a permutation: each completion once
+
+
+def test_blocks_without_a_clean_rotation_fall_back_row_by_row():
+    from pipeline.data.pairing import block_partners
+
+    keys = np.array([[7, 7, 8, 9],  # a rotation by 2 works
+                     [7, 7, 7, 9],  # one prompt holds more than half: the next row with another prompt
+                     [5, 5, 5, 5]])  # one prompt only: the next row, a same-prompt pair
+    assert block_partners(keys).tolist() == [[2, 3, 0, 1], [3, 3, 3, 0], [1, 2, 3, 0]]
+
+
+def test_the_pairer_counts_same_prompt_rows_and_undesirable_kl_completions():
+    keys = np.array([1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4])  # blocks of 4: pairs, then two one-prompt blocks
+    labels = np.arange(12) % 2 == 0
+    table = pa.table({"prompt_ids": [[1]] * 12, "completion_ids": [[i] for i in range(12)], "label": labels,
+                      "prompt_hash": keys})
+    pairer = KLPairer(4, max_length=8, emit=lambda table: None)
+    pairer.add(table)
+    pairer.finish()
+    assert pairer.same_prompt_rows == 8
+    assert pairer.undesirable_kl_completions == 6  # a permutation within each block keeps the label balance
+
+
 def test_block_below_two_and_single_row_are_refused():
     with pytest.raises(ValueError):
         kl_partners(10, 1)
@@ -58,7 +90,7 @@ def test_pairing_on_the_stream_equals_pairing_the_whole_set(seed):
     n, block = int(rng.integers(2, 120)), int(rng.integers(2, 12))
     keys = rng.integers(0, 4, n)  # few distinct prompts: the skip rule is exercised
     table = pa.table({"prompt_ids": [[int(k)] * 2 for k in keys], "completion_ids": [[i, i, i] for i in range(n)],
-                      "prompt_hash": keys})
+                      "label": rng.random(n) < 0.5, "prompt_hash": keys})
     emitted = []
     pairer = KLPairer(block, max_length=4, emit=emitted.append)
     start = 0

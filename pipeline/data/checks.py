@@ -69,6 +69,18 @@ def check_counts(config: Config, counts: dict, data_path: str) -> None:
                         "give eval.path")
 
 
+def pairing_advice(counts: dict, data_path: str) -> str | None:
+    """A warning when more than 1% of kept rows got a KL completion to their own prompt (a block
+    that one prompt fills entirely): z0 then measures matched pairs, not the mismatched ones KTO
+    estimates KL(policy || reference) from."""
+    same, kept = counts.get("kl_same_prompt_rows", 0), counts["kept"]
+    if not kept or same <= 0.01 * kept:
+        return None
+    return (f"data path {data_path!r}: {same} of {kept} rows ({same / kept:.1%}) have a KL completion that answers "
+            f"their own prompt: a block of data.kl_block_size = {counts['kl_block_size']} rows held one prompt only. "
+            "Raise data.kl_block_size above the largest run of rows sharing a prompt, or interleave the prompts")
+
+
 def weight_advice(desirable_weight, undesirable_weight: float, n_desirable: int, n_undesirable: int) -> dict:
     """KTO paper, Eq. 8: keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]; `auto` sets it to 1."""
     if n_desirable == 0 or n_undesirable == 0:

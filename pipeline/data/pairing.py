@@ -1,12 +1,17 @@
 """KL pairs and the step schedule: the data-time decisions that make z0 honest and training
 independent of the worker count.
 
-KL pairs are formed over the kept rows in read order, in blocks of m rows (data.kl_block_size):
-a row takes the completion of the next row of its block, wrapping around, skipping rows with
-the same prompt (so the two halves of a preference pair, which sit side by side, never pair
-with each other). A short last block is folded into the previous one, so no block has fewer
-than 2 rows and no row meets its own completion. `KLPairer` does this on a stream, holding at
-most two blocks and one batch.
+KL pairs are formed over the kept rows in read order, in blocks of m rows (data.kl_block_size).
+Each block is rotated once: row i takes the completion of row i + s (wrapping), with s the
+smallest shift under which no row meets its own prompt. Side-by-side preference pairs (chosen,
+rejected, chosen, ...) get s = 2, so chosen answers pair with chosen and rejected with rejected:
+every completion serves exactly once, and z0 sees desirable and undesirable answers in the
+proportion the data has them (the paper's mismatched pairs, unbiased). Only where no rotation
+works (one prompt holds more than half a block) does a row fall back to the next row with
+another prompt, and where the whole block shares one prompt, to the next row: those rows are
+counted (`kl_same_prompt_rows`). A short last block is folded into the previous one, so no block
+has fewer than 2 rows and no row meets its own completion. `KLPairer` does this on a stream,
+holding at most two blocks and one batch.
 """
 
 from typing import Callable, Optional
@@ -21,13 +26,16 @@ from pipeline.data.formats import DataError
 def block_partners(prompt_keys: np.ndarray) -> np.ndarray:
     """partner[b, i]: the position within block b whose completion row i of block b takes.
 
-    The next position (wrapping) whose prompt differs; if the whole block shares one prompt,
-    simply the next position.
+    The block's smallest clean rotation (a permutation); in a block without one, per row the next
+    position whose prompt differs, or, if the whole block shares one prompt, the next position.
     """
     blocks, m = prompt_keys.shape
     positions = np.arange(m)
     partners = np.full((blocks, m), -1)
     for shift in range(1, m):
+        clean = (partners[:, 0] < 0) & (np.roll(prompt_keys, -shift, axis=1) != prompt_keys).all(axis=1)
+        partners[clean] = (positions + shift) % m
+    for shift in range(1, m):  # the blocks left: row by row
         unset = (partners < 0) & (np.roll(prompt_keys, -shift, axis=1) != prompt_keys)
         partners[unset] = np.broadcast_to((positions + shift) % m, (blocks, m))[unset]
     same_prompt = partners < 0
@@ -83,6 +91,8 @@ class KLPairer:
         self.pending_rows = 0
         self.next_row_index = 0
         self.folded_rows = 0
+        self.same_prompt_rows = 0  # rows whose KL completion answers their own prompt (see the module)
+        self.undesirable_kl_completions = 0
 
     def add(self, rows: pa.Table) -> None:
         if rows.num_rows:
@@ -108,6 +118,9 @@ class KLPairer:
     def _release(self, table: pa.Table, blocks: int, rows_per_block: int) -> None:
         keys = table.column("prompt_hash").to_numpy().reshape(blocks, rows_per_block)
         partners = (block_partners(keys) + np.arange(blocks)[:, None] * rows_per_block).ravel()
+        self.same_prompt_rows += int(np.sum(keys.ravel()[partners] == keys.ravel()))
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        self.undesirable_kl_completions += int(np.sum(~labels[partners]))
         prompt_lengths = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
         partner_completions = table.column("completion_ids").combine_chunks().take(pa.array(partners))
         kl = truncate_lists(partner_completions, self.max_length - prompt_lengths)

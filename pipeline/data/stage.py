@@ -146,7 +146,9 @@ class Tally:
         return {"kept": self.kept, "desirable": self.desirable, "undesirable": self.kept - self.desirable,
                 "tokens_before_truncation": {side: self.percentiles(side) for side in ("prompt", "completion")},
                 "truncated": dict(self.truncated), "longest_sequence": self.longest_sequence,
-                "kl_block_size": pairer.block_size, "kl_rows_folded_into_last_block": pairer.folded_rows}
+                "kl_block_size": pairer.block_size, "kl_rows_folded_into_last_block": pairer.folded_rows,
+                "kl_same_prompt_rows": pairer.same_prompt_rows,
+                "kl_undesirable_completions": pairer.undesirable_kl_completions}
 
 
 class PairedSink:
