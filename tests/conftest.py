@@ -197,7 +197,8 @@ def direct_eval(model, scored, beta: float, tokenizer_path: str) -> dict:
     rewards = logps - ref_logps
     kl_unclamped = (kl_logps - torch.tensor(scored.column("ref_kl_logp").to_numpy())).double().mean()
     z0 = kl_unclamped.clamp(min=0).float()
-    right = torch.where(labels, rewards - z0 > 0, rewards - z0 < 0)
+    margin = rewards - z0  # on the label's side: 1, on the other: 0, within 1e-4 nats (float noise): a tie, 0.5
+    right = torch.where(margin.abs() < 1e-4, 0.5, torch.where(labels, margin > 0, margin < 0).float())
     losses = kto_loss(logps, ref_logps, labels, z0, beta=beta, desirable_weight=1.0, undesirable_weight=1.0)
     return {"accuracy": right.float().mean().item(), "kl": z0.item(), "kl_unclamped": kl_unclamped.item(),
             "rewards/margins": (beta * rewards[labels].mean() - beta * rewards[~labels].mean()).item(),

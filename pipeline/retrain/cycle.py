@@ -131,8 +131,9 @@ def gate(before: dict, after: dict, self_referenced: bool, tolerance: float, max
     model's minus `tolerance`, and whose drift from the reference is at most `max_kl` nats.
 
     When the promoted model is itself the reference (the first cycle, or every cycle with
-    reference: start) all its implied rewards are 0 and its accuracy is meaningless (0 by the
-    strict inequalities), so the baseline is chance. Drift is |the mean log-ratio log pi/pi_ref
+    reference: start) all its implied rewards are 0 up to float noise and its accuracy measures
+    nothing (ties count half; a low-precision reference's noise can exceed the tie band), so the
+    baseline is chance. Drift is |the mean log-ratio log pi/pi_ref
     over the held-out KL pairs| (KTO's z0 before its clamp at 0): large either way means the policy
     has moved far from the reference, and unlike the clamped z0 it does not read 0 for a policy
     that has crushed what the reference liked."""

@@ -100,6 +100,19 @@ def _concatenated(micro_batches: list[MicroBatch]) -> MicroBatch:
     )
 
 
+# |implied reward - reference point| below this is float noise, not a verdict: at policy == reference
+# every row sits there (~1e-6 nats apart), and strict inequalities would make accuracy a coin flip.
+ACCURACY_TIE_NATS = 1e-4
+
+
+def right_side(ratios: torch.Tensor, labels: torch.Tensor, reference_point) -> torch.Tensor:
+    """Per row: 1 if its implied reward log pi/pi_ref lies on its label's side of the reference
+    point (above for desirable, below for undesirable), 0 if on the other, 0.5 for a tie."""
+    margin = ratios - reference_point
+    side = torch.where(labels, margin > 0, margin < 0).double()
+    return torch.where(margin.abs() < ACCURACY_TIE_NATS, torch.full_like(side, 0.5), side)
+
+
 def _device(engine) -> torch.device:
     return next(engine.module.parameters()).device
 
@@ -164,13 +177,14 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
             ratios = (logps - ref_logp).detach()
             rewards = (s.beta * ratios).double()
             chosen = labels.double()
-            right = torch.where(labels, ratios - z0 > 0, ratios - z0 < 0)
+            # apo_zero_unpaired has no reference point: its rewards are judged against 0
+            right = right_side(ratios, labels, 0.0 if s.loss_type == "apo_zero_unpaired" else z0)
             stats += torch.stack([
                 losses.detach().double().sum(),
                 (rewards * chosen).sum(), chosen.sum(),
                 (rewards * (1 - chosen)).sum(), (1 - chosen).sum(),
                 (logps.detach().double() * chosen).sum(), (logps.detach().double() * (1 - chosen)).sum(),
-                batch["attention_mask"].sum().double(), right.double().sum(),
+                batch["attention_mask"].sum().double(), right.sum(),
             ])
     all_reduce_sum(stats)
     loss_sum, chosen_sum, n_chosen, rejected_sum, n_rejected, chosen_logps, rejected_logps, tokens, right = \
@@ -212,7 +226,8 @@ EVAL_METRICS = ("loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejecte
 def eval_step(engine, eval_rows: MicroBatch, s: StepSettings) -> dict:
     """Held-out metrics of the policy as it is now, under `eval/` names: the same forwards and
     all-reduced sums as a training step over every rank's share of the eval rows, one batch, no
-    update. accuracy: the share of rows whose implied reward falls on their label's side of z0."""
+    update. accuracy: the share of rows whose implied reward falls on their label's side of z0
+    (ties half; see right_side)."""
     # (no scheduled micro-batches here: the eval set is one batch, grouped under a token budget)
     budget = dataclasses.replace(s, max_tokens_per_forward=s.max_tokens_per_forward or 4096)
     engine.module.eval()  # lora.dropout, the one dropout training may keep, stays out of held-out numbers
