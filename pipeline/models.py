@@ -93,7 +93,14 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, dtype=torch.float
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout would make the KL and policy forwards disagree and the worker count matter (TRL does this too)."""
+    """Dropout would make the KL and policy forwards disagree and the worker count matter (TRL does
+    this too, for nn.Dropout). Attention dropout is no module in most architectures (Llama, Mistral,
+    Qwen, Gemma keep the config's `attention_dropout` as a float their attention passes to SDPA in
+    training mode), so those floats are zeroed as well; the model's config, which an export saves,
+    is left as it was."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
