@@ -19,6 +19,7 @@ from pipeline.train.trackers import missing_reporters, peak_rss_mib, read_metric
 from pipeline.train.worker import WorkerPlan
 
 log = logging.getLogger("kto")
+MIN_Z0_BATCH = 8  # below this many rows a step, z0 (their mean KL log-ratio) is mostly noise
 
 
 def train(config: Config) -> dict:
@@ -50,6 +51,11 @@ def train(config: Config) -> dict:
                       desirable_weight=desirable_weight, ray_log_level=ray_log_level())
     log.info("training: %d steps of %d examples on %d workers (%s)", total_steps, config.global_batch_size,
              config.scaling.num_workers, config.scaling.strategy)
+    if config.global_batch_size < MIN_Z0_BATCH and config.kto.loss_type != "apo_zero_unpaired":
+        log.warning("a global batch of %d rows estimates each step's z0 from %d KL pairs, a noisy reference point "
+                    "(KTO.md advises an effective batch of 8 to 128): raise training.per_device_train_batch_size, "
+                    "training.gradient_accumulation_steps or scaling.num_workers",
+                    config.global_batch_size, config.global_batch_size)
     state, train_time = fit(config, plan, total_steps)
 
     steps = read_metrics(run_dir)

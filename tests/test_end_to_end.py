@@ -223,9 +223,12 @@ def test_bad_config_and_missing_data_fail_with_clear_messages(tiny_run, tmp_path
     # The bfloat16 reference against the float32 trainers, with a bound below its drift: the workers
     # measure the gap before the first update and the run stops with the message. It is not a worker
     # failure: with restarts unlimited, a check that raised in the workers would be retried forever.
+    # (and a global batch of 2 x 2 rows: warned about, as a z0 from 4 KL pairs)
     result = launch_here("train", "--config", config, "--set", "reference.drift_max_abs=0.001", "--set",
-                         "output.run_name=drifted", "--set", "scaling.max_failures=-1")
+                         "output.run_name=drifted", "--set", "scaling.max_failures=-1",
+                         "--set", "training.per_device_train_batch_size=2")
     assert result.returncode == 2, result.stderr[-3000:]
+    assert "a global batch of 4 rows estimates each step's z0 from 4 KL pairs" in result.stderr
     assert re.search(r"error: at step 0 the reference log-probs \(hf, bfloat16\) differ from the trainer's own by up "
                      r"to .* above reference.drift_max_abs = 0.001.*--set reference.dtype=float32", result.stderr)
     assert not (tiny_run[1] / "drifted" / "metrics.jsonl").exists()  # no step was taken ...
