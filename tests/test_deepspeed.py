@@ -67,3 +67,42 @@ def test_zero_stage_matches_ddp_with_one_worker(tmp_path, tiny_model, reference_
         assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(
             os.listdir(run_dir / "ray_train" / checkpoint / "model"))
         assert sum("optim_states" in f for f in files) == 2, files
+
+
+BF16_PROBE = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PROBE_PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from transformers import LlamaConfig, LlamaForCausalLM
+from pipeline.train.engines import DeepSpeedEngine, deepspeed_config, make_optimizer, skip_deepspeed_shm_build
+skip_deepspeed_shm_build(on_gpu=False)
+for stage in (1, 2, 3):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    engine = DeepSpeedEngine(model, *make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10),
+                             deepspeed_config(stage, False, False, bf16=True, max_grad_norm=1.0, per_device_train_batch_size=2))
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(2):  # a step of two backwards
+        engine.backward(engine.engine(input_ids=ids, labels=ids).loss)
+    norm = engine.step()
+    print(stage, *engine.engine.get_data_types(), engine.engine.communication_data_type, norm > 0, flush=True)
+"""
+
+
+def test_bf16_zero_accumulates_and_reduces_gradients_in_float32():
+    """The GPU configs' bfloat16 DeepSpeed engine, run on CPU (1 rank): every ZeRO stage keeps a step's
+    gradients, and their reduction, in float32 (DeepSpeed's default would sum them in bfloat16)."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-c", BF16_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PROBE_PORT": str(port)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line[:2] in ("1 ", "2 ", "3 ")]
+    assert lines == [f"{stage} torch.bfloat16 torch.float32 torch.float32 True" for stage in (1, 2, 3)], result.stdout

@@ -98,3 +98,48 @@ def test_sequence_logps_sums_the_completion_tokens_log_probs(tiny_model):
             logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
             expected = sum(logps[len(prompt) + j - 1, token] for j, token in enumerate(completion))
             assert abs(got[i].item() - expected.item()) < 1e-4
+
+
+def test_accuracy_counts_ties_half_and_apo_judges_against_zero(tiny_model):
+    """Held-out accuracy with a reference equal to the policy (every implied reward ~1e-6 from z0 = 0):
+    every row a tie, 0.5, whatever the float noise; then rows moved clearly to one side by hand."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.train.step import eval_step, right_side
+
+    assert right_side(torch.tensor([0.3, 0.3, -0.3, 5e-5, -0.2]), torch.tensor([True, False, False, True, True]),
+                      torch.tensor(0.1)).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert right_side(torch.tensor([0.10005, 0.09995]), torch.tensor([True, False]), 0.1).tolist() == [0.5, 0.5]
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model).eval()
+    prompts, completions = _rows(tokenizer, n=4, seed=3)
+    kl_completions = [completions[(i + 1) % 4] for i in range(4)]
+    with torch.no_grad():
+        own = sequence_logps(model, collate(prompts, completions, tokenizer.pad_token_id))
+        own_kl = sequence_logps(model, collate(prompts, kl_completions, tokenizer.pad_token_id))
+    labels = torch.tensor([True, False, True, False])
+    engine = PlainEngine(model, *make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
+    for loss_type in ("kto", "apo_zero_unpaired"):
+        settings = StepSettings(0.1, 1.0, 1.0, loss_type, tokenizer.pad_token_id)
+        batch = MicroBatch(prompts, completions, kl_completions, labels, own.clone(), own_kl.clone())
+        assert eval_step(engine, batch, settings)["eval/accuracy"] == 0.5
+        # rows 0 and 1 on their label's side, row 2 on the wrong side, row 3 still a tie
+        shifted = own - torch.tensor([1.0, -1.0, -1.0, 0.0])
+        batch = MicroBatch(prompts, completions, kl_completions, labels, shifted, own_kl.clone())
+        assert eval_step(engine, batch, settings)["eval/accuracy"] == (1 + 1 + 0 + 0.5) / 4
+
+
+def test_dropout_off_includes_the_attention_dropout_of_the_config():
+    """A Llama whose config asks for attention dropout: in training mode two forwards differ until
+    disable_dropout, then agree; the config an export would save keeps its value."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5,
+                                         attn_implementation="eager")).train()
+    ids = torch.randint(0, 64, (2, 12))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    disable_dropout(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert model.config.attention_dropout == 0.5

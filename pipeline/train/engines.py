@@ -115,7 +115,11 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_param: bo
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
     if offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": bf16}
+    precision = {}
+    if bf16:  # bfloat16 forwards and backwards; a step's several backwards summed, and ranks reduced, in float32
+        precision = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
     return {
+        **precision,
         "train_micro_batch_size_per_gpu": per_device_train_batch_size,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
