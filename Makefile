@@ -31,9 +31,8 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
 
-# Side by side with TRL's KTOTrainer (TRL is a benchmark-only dependency): about 30 minutes on 2 cores.
+# Side by side with TRL's KTOTrainer (TRL comes with the test extra, never at run time): about 30 minutes on 2 cores.
 bench-trl: setup
-	$(BIN)/pip install "trl==1.16.0"
 	$(BIN)/python benchmarks/vs_trl.py
 
 clean:

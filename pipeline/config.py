@@ -40,6 +40,9 @@ class DataConfig:
     max_rejected_fraction: float = 0.1  # stop the run when more of the rows than this are rejected
     kl_block_size: int = 8  # m: each block of m rows is rotated so that no row meets its own prompt
     generate_demo: bool = False  # write the project's generated demo set to `path` (and eval.path) if absent
+    # Text holding a control token's literal string (<|im_start|>, </s>, <|eot_id|>) is quarantined as
+    # control_token_in_text: tokenized, it would become that token. true: keep it (text you templated yourself)
+    allow_control_tokens: bool = False
 
 
 @dataclass

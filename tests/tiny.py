@@ -55,3 +55,46 @@ def make_tiny_model(folder: str, extra_text: list[str] = (), seed: int = 0, hidd
                          bos_token_id=None, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_sentencepiece_tokenizer(folder: str, extra_text: list[str] = (), add_eos_token: bool = False):
+    """A Llama tokenizer from a SentencePiece BPE model trained here: BOS, a dummy prefix (a word at
+    the start of a text gets '▁'), byte fallback; as Llama-2, Mistral and Gemma tokenize."""
+    import io
+    import json
+    import os
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)] + list(extra_text)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=400, model_type="bpe", unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, add_dummy_prefix=True, byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": add_eos_token,
+                   "legacy": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # converted from the SentencePiece model once
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+# Gemma's shape: turns closed by <end_of_turn>, which is not the tokenizer's EOS.
+TURN_END_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{{ message['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+
+
+def make_turn_end_tokenizer(folder: str):
+    """The tiny BPE tokenizer with a chat template whose turns end with <end_of_turn> (a special
+    token that is not EOS)."""
+    tokenizer = make_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = TURN_END_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer

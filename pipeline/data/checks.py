@@ -18,7 +18,8 @@ def data_settings(config: Config, tokenizer_path: str) -> DataSettings:
                         kl_block_size=d.kl_block_size, format=d.format, label_map=dict(d.label_map),
                         prompt_delimiter=d.prompt_delimiter, deduplicate=d.deduplicate,
                         trust_remote_code=config.model.trust_remote_code,
-                        held_out_fraction=0.0 if config.eval.path else config.eval.split_fraction)
+                        held_out_fraction=0.0 if config.eval.path else config.eval.split_fraction,
+                        allow_control_tokens=d.allow_control_tokens)
 
 
 def examine(config: Config, data_path: str, tokenizer_path: str) -> tuple[str, dict]:

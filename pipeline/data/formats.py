@@ -191,11 +191,13 @@ class Rendered(NamedTuple):
     reason: str  # why it cannot be rendered ("" when it can)
 
 
-def render(prompt: Any, completion: Any, tokenizer) -> Rendered:
+def render(prompt: Any, completion: Any, tokenizer, refused_tokens: tuple[str, ...] = ()) -> Rendered:
     """An example's prompt and completion texts.
 
     Conversational examples go through the chat template: the prompt with the generation
-    prompt, and the completion as what the full conversation adds after it.
+    prompt, and the completion as what the full conversation adds after it. Feedback text that
+    holds the literal string of one of `refused_tokens` (the tokenizer's control tokens) is
+    refused: tokenized, it would become that token, a turn boundary planted by whoever wrote it.
     """
     try:
         prompt, completion = _as_text(prompt), _as_text(completion)
@@ -208,6 +210,8 @@ def render(prompt: Any, completion: Any, tokenizer) -> Rendered:
             return Rendered("", "", True, "empty_prompt")
         if not any(m["content"].strip() for m in completion):
             return Rendered("", "", True, "empty_completion")
+        if _holds_any([m["content"] for m in prompt + completion], refused_tokens):
+            return Rendered("", "", True, "control_token_in_text")
         try:
             prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
@@ -220,4 +224,10 @@ def render(prompt: Any, completion: Any, tokenizer) -> Rendered:
         return Rendered("", "", False, "empty_prompt")
     if not isinstance(completion, str) or not completion.strip():
         return Rendered("", "", False, "empty_completion")
+    if _holds_any([prompt, completion], refused_tokens):
+        return Rendered("", "", False, "control_token_in_text")
     return Rendered(prompt, completion, False, "")
+
+
+def _holds_any(texts: list[str], tokens: tuple[str, ...]) -> bool:
+    return any(token in text for text in texts for token in tokens)

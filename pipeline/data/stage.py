@@ -42,6 +42,7 @@ class DataSettings:
     deduplicate: bool = False
     trust_remote_code: bool = False
     held_out_fraction: float = 0.0  # share of the prompts whose rows go to held_out/ (eval), not examples/
+    allow_control_tokens: bool = False  # keep rows whose text holds a control token's literal string
 
 
 def list_input_files(path: str) -> tuple[list[str], str]:

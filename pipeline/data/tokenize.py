@@ -22,6 +22,27 @@ def _tokenizer(path: str, trust_remote_code: bool):
     return load_tokenizer(path, trust_remote_code)  # once per Ray worker process, reused across tasks
 
 
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The literal strings the tokenizer turns into its special tokens (BOS, EOS, pad, a chat
+    template's turn markers such as <|im_start|> or <|eot_id|>)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return tuple(sorted({t for t in [*tokenizer.all_special_tokens, *added] if t}))
+
+
+def appends_eos(tokenizer) -> bool:
+    """Whether the tokenizer's own special tokens end every text with EOS (some Llama configs):
+    a prompt must never end with it."""
+    eos = tokenizer.eos_token_id
+    with_special, without = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (True, False))
+    return eos is not None and with_special[-1:] == [eos] != without[-1:]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_facts(path: str, trust_remote_code: bool) -> tuple[tuple[str, ...], bool]:
+    tok = _tokenizer(path, trust_remote_code)
+    return control_tokens(tok), appends_eos(tok)
+
+
 def _hash64(*parts: str) -> int:
     digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
@@ -44,10 +65,15 @@ def tokenize_batch(batch: pa.Table, fmt: str, settings) -> pa.Table:
     """Ray Data task: each input row becomes its examples, with the original columns repeated
     (`settings`: the stage's DataSettings).
 
-    Prompt: the tokenizer's special tokens (BOS where it has one; none when a chat template
-    already wrote them), truncated from the left to max_prompt_length. Completion: EOS appended
-    unless the template already ended the turn with it, truncated from the right to what
-    max_length leaves. Bad examples keep a `reason` and no tokens.
+    As the model generates (and as TRL tokenizes): the prompt and the prompt + completion are
+    tokenized as whole texts, the completion being what follows the prompt's ids; a row whose
+    joint ids do not start with the prompt's (tokens merged across the boundary) is quarantined
+    (`prompt_boundary_mismatch`). Plain text gets the tokenizer's special tokens (BOS where it has
+    one) and a final EOS unless it already ends with one (a tokenizer set to end every text with
+    EOS does not end the prompt with it); a chat template writes its own tokens and ends the turn
+    as it does (Gemma's <end_of_turn>, Llama-3's <|eot_id|>): nothing is added. The prompt is cut
+    from the left to max_prompt_length keeping its BOS, the completion from the right to what
+    max_length leaves. Bad examples keep a `reason`, and no tokens.
     """
     tok = _tokenizer(settings.tokenizer_path, settings.trust_remote_code)
     missing = [c for c in FORMAT_COLUMNS[fmt] if c not in batch.column_names]
@@ -56,32 +82,44 @@ def tokenize_batch(batch: pa.Table, fmt: str, settings) -> pa.Table:
         raise DataError(f"{source}: required column(s) {missing} missing; every file needs {FORMAT_COLUMNS[fmt]}")
     examples = to_examples({c: batch.column(c).to_pylist() for c in FORMAT_COLUMNS[fmt]}, fmt,
                            settings.label_map, settings.prompt_delimiter)
+    controls, tokenizer_appends_eos = _tokenizer_facts(settings.tokenizer_path, settings.trust_remote_code)
+    refused = () if settings.allow_control_tokens else controls
     n = len(examples)
     reasons = [example.reason for example in examples]
     texts: list = [None] * n
     for j, example in enumerate(examples):
         if not example.reason:
-            texts[j] = render(example.prompt, example.completion, tok)
+            texts[j] = render(example.prompt, example.completion, tok, refused)
             reasons[j] = texts[j].reason or example.label_reason
     prompt_ids, completion_ids = [None] * n, [None] * n
     prompt_tokens, completion_tokens = [0] * n, [0] * n
     prompt_hash, row_hash = [0] * n, [0] * n
+    eos, bos = tok.eos_token_id, tok.bos_token_id
     for templated in (False, True):
         rows = [j for j in range(n) if not reasons[j] and texts[j].templated == templated]
         prompts = _encode(tok, [texts[j].prompt for j in rows], add_special_tokens=not templated)
-        completions = _encode(tok, [texts[j].completion for j in rows], add_special_tokens=False)
-        for j, p_ids, c_ids in zip(rows, prompts, completions):
-            if p_ids is None or c_ids is None:
+        joints = _encode(tok, [texts[j].prompt + texts[j].completion for j in rows], add_special_tokens=not templated)
+        for j, p_ids, joint in zip(rows, prompts, joints):
+            if p_ids is None or joint is None:
                 reasons[j] = "tokenize_failed"
                 continue
-            room = settings.max_length - min(len(p_ids), settings.max_prompt_length)
-            if room < 1:
+            if not templated and tokenizer_appends_eos:
+                p_ids, joint = p_ids[:-1], joint[:-1]  # the prompt's EOS would sit mid-sequence; one is added below
+            if joint[:len(p_ids)] != p_ids:
+                reasons[j] = "prompt_boundary_mismatch"
+                continue
+            c_ids = joint[len(p_ids):]
+            if not templated and c_ids[-1:] != [eos]:
+                c_ids = c_ids + [eos]
+            head = 1 if p_ids[:1] == [bos] and bos is not None else 0
+            kept = p_ids[:head] + p_ids[head:][len(p_ids) - settings.max_prompt_length:] if (
+                len(p_ids) > settings.max_prompt_length) else p_ids
+            room = settings.max_length - len(kept)
+            if room < 1 or not c_ids:
                 reasons[j] = "no_room_for_completion"
                 continue
             prompt_tokens[j], completion_tokens[j] = len(p_ids), len(c_ids)
-            if tok.eos_token_id not in c_ids:
-                c_ids = c_ids + [tok.eos_token_id]
-            prompt_ids[j], completion_ids[j] = p_ids[-settings.max_prompt_length:], c_ids[:room]
+            prompt_ids[j], completion_ids[j] = kept, c_ids[:room]
             prompt_hash[j] = _hash64(texts[j].prompt)
             row_hash[j] = _hash64(texts[j].prompt, texts[j].completion, str(examples[j].label))
     ids = pa.list_(pa.int32())
