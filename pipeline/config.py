@@ -103,6 +103,8 @@ class TrainingConfig:
     save_steps: int = 0  # checkpoint every N optimizer steps; 0: only at the end
     save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
+    # bfloat16 trainers (scaling.strategy deepspeed; gradients still summed in float32); null: on GPUs only
+    bf16: Optional[bool] = None
     logging_steps: int = 1  # TensorBoard / MLflow / W&B get every N-th step (and the last); metrics.jsonl all
 
 
@@ -122,7 +124,7 @@ class ScalingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """Used when scaling.strategy is deepspeed: bf16 on GPUs, float32 on CPUs."""
+    """Used when scaling.strategy is deepspeed (its precision: training.bf16)."""
     zero_stage: int = one_of(3, (1, 2, 3))  # 1: optimizer states partitioned | 2: + gradients | 3: + parameters
     offload_optimizer: bool = False  # optimizer states (and the update) in CPU memory
     offload_param: bool = False  # ZeRO-3 only: parameters in CPU memory between uses
@@ -198,6 +200,13 @@ class Config:
     @property
     def run_dir(self) -> str:
         return os.path.join(os.path.abspath(self.output.output_dir), self.output.run_name)
+
+    @property
+    def trainer_bf16(self) -> bool:
+        """Whether the trainers run in bfloat16 (else float32)."""
+        if self.training.bf16 is None:
+            return self.scaling.strategy == "deepspeed" and self.scaling.use_gpu
+        return self.training.bf16
 
     @property
     def global_batch_size(self) -> int:
@@ -377,6 +386,9 @@ def validate(c: Config) -> None:
            ">= 0 (0: one forward a scheduled micro-batch)")
     _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
     _check(t.logging_steps >= 1, "training.logging_steps", t.logging_steps, ">= 1")
+    _check(t.bf16 in (None, True, False), "training.bf16", t.bf16, "true, false or null (null: on GPUs)")
+    _check(not t.bf16 or c.scaling.strategy == "deepspeed", "training.bf16", t.bf16,
+           "true only with scaling.strategy deepspeed (the ddp strategy trains in float32)")
     lora = c.lora
     _check(lora.r >= 0, "lora.r", lora.r, ">= 0 (0: full fine-tuning)")
     _check(lora.alpha > 0, "lora.alpha", lora.alpha, "> 0")

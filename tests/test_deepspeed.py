@@ -106,3 +106,20 @@ def test_bf16_zero_accumulates_and_reduces_gradients_in_float32():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line[:2] in ("1 ", "2 ", "3 ")]
     assert lines == [f"{stage} torch.bfloat16 torch.float32 torch.float32 True" for stage in (1, 2, 3)], result.stdout
+
+
+def test_the_drift_check_measures_a_bf16_trainer_against_its_reference(tmp_path, tiny_model, reference_data, ray_local):
+    """A bfloat16 trainer (DeepSpeed, here on CPU) against a float32 reference: r != 0 at step 0
+    (measured: up to 0.007 nats a sequence on the tiny model), and the check, run in the trainer's
+    own dtype, stops the run above its bound; against a bfloat16 reference the two computations
+    agree (measured: exactly) and the same bound lets the run train."""
+    from pipeline.train.drift import DriftError
+
+    settings = {"scaling.strategy": "deepspeed", "deepspeed.zero_stage": 1, "training.bf16": True,
+                "training.max_steps": 1, "output.run_name": "bf16", "reference.drift_max_abs": 1e-3}
+    with pytest.raises(DriftError, match=r"\(hf, float32\) differ from the trainer's own by up to 0\.00[1-9]"):
+        train_and_load(tmp_path / "float32", tiny_model, reference_data[0], **settings)
+    _, _, summary = train_and_load(tmp_path / "bfloat16", tiny_model, reference_data[0],
+                                   **{**settings, "reference.dtype": "bfloat16"})
+    drift = summary["reference"]["step0_drift"]
+    assert summary["steps"] == 1 and drift["sequences"] == 20 and drift["max_abs_per_sequence"] < 1e-3, drift

@@ -29,10 +29,10 @@ def test_vllm_and_hf_references_agree_and_train_alike(tmp_path, tiny_model, ray_
         summary = train(config)
         drift = summary["reference"]["step0_drift"]
         assert summary["reference"]["backend"] == backend
-        if backend == "hf":  # the trainer's own computation: nothing to check
-            assert "trainer's own computation" in drift["skipped"]
-        else:  # measured by the trainer on its own forwards: 16 rows, each completion and KL completion
-            assert drift["sequences"] == 32 and drift["max_abs_per_sequence"] <= AGREEMENT_NATS
+        # measured by the trainer on its own forwards: 16 rows, each completion and KL completion; the hf
+        # reference is the trainer's own function in float32 (other batches, other padding: ~1e-6 apart)
+        assert drift["sequences"] == 32
+        assert drift["max_abs_per_sequence"] <= (1e-4 if backend == "hf" else AGREEMENT_NATS), drift
         with open(os.path.join(config.run_dir, "metrics.jsonl")) as f:
             losses[backend] = [json.loads(line)["loss"] for line in f]
         # The run's scored rows: the reference stage's cache file for this backend.

@@ -2,8 +2,9 @@
 
 When the policy starts from the reference weights, the implied reward r = log pi - log pi_ref
 is 0 for every row at step 0, exactly, if both sides compute the same numbers. A reference
-scored by another engine (vLLM) or in another dtype (bf16) gives r != 0 instead, a bias that
-enters every loss term and z0. Before the first update the workers compute the policy's own
+scored by another engine (vLLM) or in another dtype than the trainers' (a bfloat16 trainer
+against a float32 reference, or the reverse) gives r != 0 instead, a bias that enters every loss
+term and z0. The check runs for every backend and dtype: it costs one forward of its sample. Before the first update the workers compute the policy's own
 log-probs (their engine, dtype and device: what the step will compute) on a seeded sample of
 the scored rows, split among them, and compare them with the cached reference values.
 """
@@ -31,12 +32,6 @@ def skip_reason(config, model_path: str, reference_path: str) -> Optional[str]:
         return "reference.drift_check_rows is 0"
     if reference_path != model_path:
         return f"reference.model ({r.model}) is not the policy: r != 0 at step 0 is expected"
-    trainer_float32 = not (config.scaling.strategy == "deepspeed" and config.scaling.use_gpu)  # (else bf16)
-    if r.backend == "hf" and r.dtype == "float32" and trainer_float32 and (
-            (r.num_gpus_per_replica > 0) == config.scaling.use_gpu):
-        # The reference was scored by the trainer's own function, dtype and kind of device: r = 0
-        # at step 0 by construction, and the check would cost a forward of its rows.
-        return "hf reference in float32 on the trainers' kind of device: the trainer's own computation"
     return None
 
 

@@ -199,11 +199,11 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
 
 
 def deepspeed_settings(config) -> Optional[dict]:
-    """The DeepSpeed config of a run with strategy `deepspeed` (bf16 on GPUs, float32 on CPUs); None for ddp."""
+    """The DeepSpeed config of a run with strategy `deepspeed` (bf16 as training.bf16 says); None for ddp."""
     if config.scaling.strategy != "deepspeed":
         return None
     ds = config.deepspeed
-    return deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_param, bf16=config.scaling.use_gpu,
+    return deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_param, bf16=config.trainer_bf16,
                             max_grad_norm=config.training.max_grad_norm,
                             per_device_train_batch_size=config.training.per_device_train_batch_size)
 
