@@ -28,6 +28,8 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("data.label_map={up: yes please}", "data.label_map"),
     ("data.max_rejected_fraction=1.5", "data.max_rejected_fraction = 1.5"),
     ("kto.loss_type=dpo", "kto.loss_type = 'dpo'"),
+    ("kto.loss_type=kto_logsigmoid", "kto.loss_type = 'kto_logsigmoid'"),  # removed: neither KTO form
+    ("training.bf16=true", "training.bf16 = True is not allowed: true only with scaling.strategy deepspeed"),
     ("kto.max_prompt_length=2000", "kto.max_prompt_length = 2000"),
     ("kto.beta=high", "kto.beta = 'high': expected float"),
     ("training.lr=1", "unknown key 'training.lr'"),
@@ -78,7 +80,7 @@ def test_config_show_names_the_source_of_every_value(tmp_path):
     assert lines["training.learning_rate"] == "1e-06  # --set"
     assert lines["kto.max_length"] == "1024  # default"
     # Allowed values are declared once, on the field: validation and this listing read them there.
-    assert lines["kto.loss_type"] == '"kto"  # default; one of: kto | apo_zero_unpaired | kto_logsigmoid'
+    assert lines["kto.loss_type"] == '"kto"  # default; one of: kto | apo_zero_unpaired'
     assert lines["output.report_to"] == '["tensorboard"]  # default; one of: tensorboard | mlflow | wandb'
     assert len(lines) == sum(len(section) for section in load_config(None).to_dict().values())
 

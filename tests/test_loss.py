@@ -43,13 +43,6 @@ def test_apo_zero_unpaired_ignores_z0():
         torch.testing.assert_close(losses, torch.tensor(expected), rtol=1e-6, atol=1e-7)
 
 
-def test_logsigmoid_form_is_minus_log_sigmoid_of_the_value():
-    beta, z0 = 0.5, 0.1
-    losses = kto_loss(POLICY, REFERENCE, LABELS, torch.tensor(z0), beta=beta, loss_type="kto_logsigmoid")
-    values = [sigmoid(beta * (r - z0)) for r in REWARDS[:2]] + [sigmoid(beta * (z0 - r)) for r in REWARDS[2:]]
-    torch.testing.assert_close(losses, torch.tensor([-math.log(sigmoid(v)) for v in values]), rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize("side", [True, False])
 def test_single_sided_batches(side):
     labels = torch.full((4,), side)

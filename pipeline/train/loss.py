@@ -6,7 +6,7 @@ clamped, detached KL estimate) and hands it in, so this file can be checked by h
 
 import torch
 
-LOSS_TYPES = ("kto", "apo_zero_unpaired", "kto_logsigmoid")
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def kto_loss(
@@ -26,7 +26,6 @@ def kto_loss(
     - kto: desirable lambda_D * (1 - sigma(beta (r - z0))), undesirable
       lambda_U * (1 - sigma(beta (z0 - r))), the paper's Eq. 7 and TRL's default.
     - apo_zero_unpaired: no reference point; desirable 1 - sigma(beta r), undesirable sigma(beta r).
-    - kto_logsigmoid: -log sigma(v) with v the example's value lambda * sigma(...); never the default.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
@@ -46,6 +45,4 @@ def kto_loss(
     # and "reward below it" into a gain for undesirable rows.
     sign = torch.where(labels, 1.0, -1.0).to(rewards.dtype)
     value = weights * torch.sigmoid(beta * sign * (rewards - z0))
-    if loss_type == "kto":
-        return weights - value
-    return -torch.nn.functional.logsigmoid(value)
+    return weights - value
