@@ -27,6 +27,7 @@ class ScoringOptions:
     gpu_memory_utilization: float = 0.9  # vllm on GPUs
     max_model_len: int = 1024  # vllm: the longest sequence it will be sent
     cache_root: str = ".cache/vllm"  # vllm's own compile and kernel caches
+    score_kl: bool = True  # false for losses without z0 (apo_zero_unpaired): ref_kl_logp is NaN
 
     @classmethod
     def from_config(cls, config) -> "ScoringOptions":
@@ -34,7 +35,8 @@ class ScoringOptions:
         r = config.reference
         return cls(dtype=r.dtype, max_tokens_per_batch=r.max_tokens_per_batch,
                    trust_remote_code=config.model.trust_remote_code, tensor_parallel_size=r.tensor_parallel_size,
-                   gpu_memory_utilization=r.gpu_memory_utilization, cache_root=os.path.join(r.cache_dir, "vllm"))
+                   gpu_memory_utilization=r.gpu_memory_utilization, cache_root=os.path.join(r.cache_dir, "vllm"),
+                   score_kl=config.kto.loss_type != "apo_zero_unpaired")
 
 
 class HFBackend:
@@ -104,13 +106,16 @@ class ReferenceScorer:
         if backend not in BACKENDS:
             raise ValueError(f"reference backend {backend!r} is not available; choose one of {sorted(BACKENDS)}")
         self.backend = BACKENDS[backend](model_path, pad_token_id, options)
+        self.score_kl = options.score_kl
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt_ids").to_pylist()  # plain Python ints, as vLLM asserts
         completions = batch.column("completion_ids").to_pylist()
-        kl_completions = batch.column("kl_completion_ids").to_pylist()
+        kl_completions = batch.column("kl_completion_ids").to_pylist() if self.score_kl else []
         # One call over both halves: the hf length grouping mixes them and pads less, and vLLM
         # schedules them all in one submission.
-        scores = np.asarray(self.backend.score(prompts + prompts, completions + kl_completions), np.float32)
+        scores = np.asarray(self.backend.score(prompts + prompts[:len(kl_completions)], completions + kl_completions),
+                            np.float32)
         n = len(prompts)
-        return batch.append_column("ref_logp", pa.array(scores[:n])).append_column("ref_kl_logp", pa.array(scores[n:]))
+        kl_scores = scores[n:] if self.score_kl else np.full(n, np.nan, np.float32)
+        return batch.append_column("ref_logp", pa.array(scores[:n])).append_column("ref_kl_logp", pa.array(kl_scores))

@@ -121,7 +121,8 @@ def _score(config: Config, examples_dir: str, longest_sequence: int, reference_p
     """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached)."""
     r = config.reference
     scored_path = f"{examples_dir}-scored-" + fingerprint(
-        [], [reference_path], {"backend": r.backend, "dtype": r.dtype}) + ".parquet"
+        [], [reference_path], {"backend": r.backend, "dtype": r.dtype,
+                               "kl": ScoringOptions.from_config(config).score_kl}) + ".parquet"
     cache_hit = os.path.exists(scored_path)
     if not cache_hit:
         score_examples(examples_dir, scored_path, longest_sequence, backend=r.backend,

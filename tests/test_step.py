@@ -143,3 +143,50 @@ def test_dropout_off_includes_the_attention_dropout_of_the_config():
     disable_dropout(model)
     torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     assert model.config.attention_dropout == 0.5
+
+
+def test_apo_zero_unpaired_runs_no_kl_forward_and_needs_no_kl_reference(tiny_model):
+    """Without z0, the KL completions are neither scored (NaN in the cache) nor run by the trainer: the
+    step equals one whose KL references are finite, and its loss is the hand formula's."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    base = load_causal_lm(tiny_model)
+    disable_dropout(base)
+    prompts, completions = _rows(tokenizer, n=4, seed=4)
+    labels = torch.tensor([True, False, True, False])
+    ref = torch.tensor([-20.0, -25.0, -30.0, -22.0])
+    with torch.no_grad():
+        logps = sequence_logps(base, collate(prompts, completions, tokenizer.pad_token_id))
+    expected = torch.where(labels, 1 - torch.sigmoid(0.1 * (logps - ref)), torch.sigmoid(0.1 * (logps - ref))).mean()
+    results = []
+    for ref_kl in (torch.full((4,), float("nan")), torch.zeros(4)):
+        model = copy.deepcopy(base).train()
+        engine = PlainEngine(model, *make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
+        batch = _micro_batch(prompts, completions, labels, ref, ref_kl, list(range(4)))
+        metrics = train_step(engine, [batch], StepSettings(0.1, 1.0, 1.0, "apo_zero_unpaired", tokenizer.pad_token_id))
+        results.append((metrics, model.state_dict()))
+    (metrics, weights), (finite_metrics, finite_weights) = results
+    assert metrics["kl"] == metrics["kl_unclamped"] == 0.0
+    assert abs(metrics["loss"] - expected.item()) < 1e-6 and metrics["loss"] == finite_metrics["loss"]
+    for name in weights:
+        torch.testing.assert_close(weights[name], finite_weights[name], rtol=0, atol=0)
+
+
+def test_the_reference_actor_scores_kl_completions_only_for_losses_with_z0(tiny_model):
+    import numpy as np
+    import pyarrow as pa
+
+    from actors.reference import ReferenceScorer, ScoringOptions
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    prompts, completions = _rows(tokenizer, n=4, seed=5)
+    batch = pa.table({"prompt_ids": prompts, "completion_ids": completions,
+                      "kl_completion_ids": completions[1:] + completions[:1]})
+    scored = {kl: ReferenceScorer("hf", tiny_model, tokenizer.pad_token_id, ScoringOptions(score_kl=kl))(batch)
+              for kl in (True, False)}
+    assert np.all(np.isnan(scored[False].column("ref_kl_logp").to_numpy()))
+    assert np.all(np.isfinite(scored[True].column("ref_kl_logp").to_numpy()))
+    np.testing.assert_allclose(scored[False].column("ref_logp").to_numpy(), scored[True].column("ref_logp").to_numpy(),
+                               rtol=0, atol=1e-5)

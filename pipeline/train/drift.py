@@ -51,6 +51,9 @@ def measure(engine, sample: pa.Table, rank: int, pad_token_id: int, max_tokens: 
     completions = mine.column("completion_ids").to_pylist() + mine.column("kl_completion_ids").to_pylist()
     cached = torch.tensor(np.concatenate([mine.column("ref_logp").to_numpy(), mine.column("ref_kl_logp").to_numpy()]),
                           dtype=torch.float64)
+    scored = torch.isfinite(cached)  # (without z0, KL completions are not scored: NaN)
+    prompts, completions = [p for p, keep in zip(prompts, scored) if keep], [c for c, k in zip(completions, scored) if k]
+    cached = cached[scored]
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     groups = length_grouped_batches(lengths, max_tokens, max_rows=64)
     engine.module.eval()

@@ -149,10 +149,13 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
     device = _device(engine)
     rows = _concatenated(micro_batches)
 
-    kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
-    kl_logps = logps_without_grad(engine, rows.prompt_ids, rows.kl_completion_ids, kl_groups, s.pad_token_id)
-    kl_totals = torch.stack([(kl_logps - rows.ref_kl_logp.to(device)).double().sum(),
-                             torch.tensor(float(len(rows.prompt_ids)), dtype=torch.float64, device=device)])
+    if s.loss_type == "apo_zero_unpaired":  # no reference point: no KL forward (as TRL); kl reads 0
+        kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+    else:
+        kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
+        kl_logps = logps_without_grad(engine, rows.prompt_ids, rows.kl_completion_ids, kl_groups, s.pad_token_id)
+        kl_sum = (kl_logps - rows.ref_kl_logp.to(device)).double().sum()
+    kl_totals = torch.stack([kl_sum, torch.tensor(float(len(rows.prompt_ids)), dtype=torch.float64, device=device)])
     all_reduce_sum(kl_totals)
     global_rows = kl_totals[1].clamp(min=1)
     kl_unclamped = kl_totals[0] / global_rows
