@@ -386,6 +386,9 @@ def validate(c: Config) -> None:
            ">= 0 (0: one forward a scheduled micro-batch)")
     _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
     _check(t.logging_steps >= 1, "training.logging_steps", t.logging_steps, ">= 1")
+    _check(c.kto.loss_type != "kto_pairwise" or t.per_device_train_batch_size % 2 == 0,
+           "training.per_device_train_batch_size", t.per_device_train_batch_size,
+           "even with kto.loss_type kto_pairwise (a micro-batch holds whole pairs)")
     _check(t.bf16 in (None, True, False), "training.bf16", t.bf16, "true, false or null (null: on GPUs)")
     _check(not t.bf16 or c.scaling.strategy == "deepspeed", "training.bf16", t.bf16,
            "true only with scaling.strategy deepspeed (the ddp strategy trains in float32)")

@@ -40,7 +40,8 @@ def train(config: Config) -> dict:
     desirable_weight = resolve_desirable_weight(config, counts["desirable"], counts["undesirable"])
     t = config.training
     schedule = build_schedule(counts["kept"], config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed,
-                              shuffle=t.train_sampling_strategy == "random")
+                              shuffle=t.train_sampling_strategy == "random",
+                              pairs=config.kto.loss_type == "kto_pairwise")
     schedule_path = os.path.join(run_dir, "schedule.parquet")
     pq.write_table(schedule, schedule_path)
     total_steps = int(schedule.column("step")[-1].as_py()) + 1

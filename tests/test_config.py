@@ -45,6 +45,8 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("lora.dropout=1.0", "lora.dropout = 1.0 is not allowed: in [0, 1)"),
     ("lora.r=8;scaling.strategy=deepspeed", "lora.r = 8 is not allowed: LoRA runs with scaling.strategy ddp"),
     ("eval.split_fraction=1.5", "eval.split_fraction = 1.5"),
+    ("kto.loss_type=kto_pairwise;training.per_device_train_batch_size=3",
+     "training.per_device_train_batch_size = 3 is not allowed: even with kto.loss_type kto_pairwise"),
     ("eval.path=held.parquet;eval.split_fraction=0.1", "0 when eval.path is set ('held.parquet')"),
 ])
 def test_invalid_values_name_key_and_value(override, message):
@@ -80,7 +82,7 @@ def test_config_show_names_the_source_of_every_value(tmp_path):
     assert lines["training.learning_rate"] == "1e-06  # --set"
     assert lines["kto.max_length"] == "1024  # default"
     # Allowed values are declared once, on the field: validation and this listing read them there.
-    assert lines["kto.loss_type"] == '"kto"  # default; one of: kto | apo_zero_unpaired'
+    assert lines["kto.loss_type"] == '"kto"  # default; one of: kto | apo_zero_unpaired | kto_pairwise'
     assert lines["output.report_to"] == '["tensorboard"]  # default; one of: tensorboard | mlflow | wandb'
     assert len(lines) == sum(len(section) for section in load_config(None).to_dict().values())
 

@@ -68,3 +68,35 @@ def test_gradient_reaches_policy_only_and_has_the_analytic_value():
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type"):
         kto_loss(POLICY, REFERENCE, LABELS, torch.tensor(0.0), loss_type="dpo")
+
+
+def test_pairwise_utility_form_matches_hand_computation_and_its_gradient():
+    """Rows as pairs (chosen, rejected): U = v_w + v_l with the paper's values, loss -log sigma(U) per
+    pair, given to both rows; the gradient of the mean against one worked out by hand."""
+    beta, z0, lam_d, lam_u = 0.5, 0.2, 1.2, 0.8
+    policy = torch.tensor([-1.0, -3.0, -2.0, -2.5], requires_grad=True)
+    reference = torch.tensor([-1.5, -2.0, -2.5, -2.0])  # r = [0.5, -1.0, 0.5, -0.5]
+    labels = torch.tensor([True, False, True, False])
+    losses = kto_loss(policy, reference, labels, torch.tensor(z0), beta=beta, desirable_weight=lam_d,
+                      undesirable_weight=lam_u, loss_type="kto_pairwise")
+    r = [0.5, -1.0, 0.5, -0.5]
+    values = [lam_d * sigmoid(beta * (r[0] - z0)), lam_u * sigmoid(beta * (z0 - r[1])),
+              lam_d * sigmoid(beta * (r[2] - z0)), lam_u * sigmoid(beta * (z0 - r[3]))]
+    pairs = [-math.log(sigmoid(values[0] + values[1])), -math.log(sigmoid(values[2] + values[3]))]
+    torch.testing.assert_close(losses, torch.tensor([pairs[0], pairs[0], pairs[1], pairs[1]]), rtol=1e-6, atol=1e-7)
+    # d mean_pairs / d logp_i = -(1 - sigma(U_p)) / 2 * dv_i/dr_i, dv/dr = lam beta s (1 - s) * (+1 or -1)
+    (losses.sum() / 4).backward()  # the step's normalisation: sum over rows / rows = mean over pairs
+    expected = []
+    for i in range(4):
+        pair = i // 2
+        u = values[2 * pair] + values[2 * pair + 1]
+        s = sigmoid(beta * (r[i] - z0)) if i % 2 == 0 else sigmoid(beta * (z0 - r[i]))
+        dv = (lam_d if i % 2 == 0 else -lam_u) * beta * s * (1 - s)
+        expected.append(-(1 - sigmoid(u)) / 2 * dv)
+    torch.testing.assert_close(policy.grad, torch.tensor(expected), rtol=1e-5, atol=1e-8)
+
+
+def test_pairwise_refuses_rows_that_are_not_pairs():
+    with pytest.raises(ValueError, match="pairs"):
+        kto_loss(POLICY, REFERENCE, torch.tensor([True, True, False, False]), torch.tensor(0.0),
+                 loss_type="kto_pairwise")

@@ -107,3 +107,38 @@ def test_pairing_on_the_stream_equals_pairing_the_whole_set(seed):
     for start in range(0, n, block):  # wherever a block holds another prompt, a row's partner has one
         if len(set(keys[start:start + block])) > 1 and start + 2 * block <= n:
             assert all(differs[start:start + block])
+
+
+def test_a_pairwise_schedule_keeps_each_pair_in_neighbouring_slots_of_one_step():
+    schedule = build_schedule(num_rows=10, global_batch_size=4, num_train_epochs=2, max_steps=-1, seed=3, pairs=True)
+    steps, slots, rows = (schedule.column(c).to_numpy() for c in ("step", "slot", "row_index"))
+    assert steps.max() + 1 == 6  # 5 pairs, 2 a step: 3 steps an epoch, the last one a single pair
+    assert (rows[0::2] % 2 == 0).all() and (rows[1::2] == rows[0::2] + 1).all()  # chosen, then its rejected
+    assert (steps[0::2] == steps[1::2]).all() and (slots[0::2] % 2 == 0).all() and (slots[1::2] == slots[0::2] + 1).all()
+    for epoch_steps in ((0, 1, 2), (3, 4, 5)):
+        assert sorted(rows[np.isin(steps, epoch_steps)]) == list(range(10))
+    assert len(set(rows[0::2][:5].tolist())) == 5 and rows[0::2][:5].tolist() != [0, 2, 4, 6, 8]  # shuffled pairs
+
+
+def test_rows_without_their_other_half_are_counted_and_refused_for_kto_pairwise():
+    """The stream of kept rows, cut anywhere: pair b lost its rejected half, pair d its chosen half."""
+    from pipeline.config import load_config
+    from pipeline.data.checks import check_counts
+    from pipeline.data.stage import DataSettings, Tally
+
+    pair_ids = ["a", "a", "b", "c", "c", "d", "e", "e"]
+    labels = [True, False, True, True, False, False, True, False]
+    table = pa.table({"pair_id": pair_ids, "kto_label": labels, "prompt_tokens": [3] * 8,
+                      "completion_tokens": [2] * 8, "prompt_ids": [[1, 2, 3]] * 8, "completion_ids": [[4, 5]] * 8})
+    settings = DataSettings(tokenizer_path="unused", max_length=16, max_prompt_length=8, kl_block_size=2)
+    for cut in (0, 3, 4, 5):
+        tally = Tally()
+        tally.add(table.slice(0, cut), settings)
+        tally.add(table.slice(cut), settings)
+        assert tally.unpaired_rows + (tally.open_half is not None) == 2, cut
+    counts = {"read": 8, "kept": 8, "rejected": 0, "rejected_by_reason": {}, "unpaired_rows": 2}
+    pairwise = load_config(None, ("kto.loss_type=kto_pairwise",))
+    with pytest.raises(DataError, match="2 of 8 kept rows have no other half"):
+        check_counts(pairwise, counts, "feedback.parquet")
+    check_counts(pairwise, {**counts, "unpaired_rows": 0}, "feedback.parquet")
+    check_counts(load_config(None), counts, "feedback.parquet")  # kto needs no pairs

@@ -190,3 +190,44 @@ def test_the_reference_actor_scores_kl_completions_only_for_losses_with_z0(tiny_
     assert np.all(np.isfinite(scored[True].column("ref_kl_logp").to_numpy()))
     np.testing.assert_allclose(scored[False].column("ref_logp").to_numpy(), scored[True].column("ref_logp").to_numpy(),
                                rtol=0, atol=1e-5)
+
+
+def test_pairwise_steps_keep_pairs_whole_and_do_not_depend_on_grouping(tiny_model):
+    """kto_pairwise on 3 pairs: any micro-batching and token budget gives the same step (pairs are
+    never split across forwards), and its loss is the mean over pairs of -log sigma(v_w + v_l)."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.train.loss import kto_loss
+    from pipeline.train.step import forward_groups
+
+    tokenizer = load_tokenizer(tiny_model)
+    base = load_causal_lm(tiny_model)
+    disable_dropout(base)
+    prompts, completions = _rows(tokenizer, n=6, seed=6)
+    prompts = [prompts[i - i % 2] for i in range(6)]  # a pair shares its prompt
+    labels = torch.tensor([True, False] * 3)
+    ref = torch.linspace(-30.0, -20.0, 6)
+    kl_completions = [completions[(i + 2) % 6] for i in range(6)]
+    with torch.no_grad():
+        logps = sequence_logps(base, collate(prompts, completions, tokenizer.pad_token_id))
+        policy_kl = sequence_logps(base, collate(prompts, kl_completions, tokenizer.pad_token_id))
+    ref_kl = policy_kl - 0.3  # z0 = 0.3
+    expected = kto_loss(logps, ref, labels, torch.tensor(0.3), beta=0.1, loss_type="kto_pairwise").mean()
+    batches = [MicroBatch(prompts, completions, kl_completions, labels, ref, ref_kl)]
+    for max_tokens in (1, 30):
+        for group in forward_groups(batches, "completion_ids", max_tokens, pairs=True):
+            assert all(group[i] % 2 == 0 and group[i + 1] == group[i] + 1 for i in range(0, len(group), 2))
+    results = []
+    for groups, max_tokens in (([[0, 1, 2, 3, 4, 5]], 0), ([[0, 1], [2, 3, 4, 5]], 0), ([[0, 1, 2, 3, 4, 5]], 1),
+                               ([[0, 1, 2, 3], [4, 5]], 30)):
+        model = copy.deepcopy(base).train()
+        engine = PlainEngine(model, *make_optimizer(model, 1e-4, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
+        micro = [MicroBatch([prompts[i] for i in g], [completions[i] for i in g], [kl_completions[i] for i in g],
+                            labels[g], ref[g], ref_kl[g]) for g in groups]
+        settings = StepSettings(0.1, 1.0, 1.0, "kto_pairwise", tokenizer.pad_token_id, max_tokens_per_forward=max_tokens)
+        results.append((train_step(engine, micro, settings), model.state_dict()))
+    first_metrics, first_weights = results[0]
+    assert abs(first_metrics["loss"] - expected.item()) < 1e-5 and abs(first_metrics["kl"] - 0.3) < 1e-5
+    for metrics, weights in results[1:]:
+        assert abs(metrics["loss"] - first_metrics["loss"]) < 1e-6
+        for name in first_weights:
+            torch.testing.assert_close(weights[name], first_weights[name], rtol=1e-5, atol=1e-7)

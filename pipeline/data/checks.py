@@ -63,11 +63,26 @@ def check_counts(config: Config, counts: dict, data_path: str) -> None:
     if counts["kept"] < 2:
         raise DataError(f"data path {data_path!r}: {counts['kept']} usable row(s) ({reasons or 'none rejected'}); "
                         "KL pairing needs at least 2")
+    if config.kto.loss_type == "kto_pairwise":
+        _check_pairs(counts, data_path)
+        if "held_out_counts" in counts:
+            _check_pairs(counts["held_out_counts"], f"{data_path} (its held-out share)")
     if "held_out_counts" in counts and counts["held_out"] < 2:
         raise DataError(f"data path {data_path!r}: eval.split_fraction = {config.eval.split_fraction:g} held out "
                         f"{counts['held_out']} of {counts['read'] - counts['rejected']} usable rows (whole prompts "
                         "go to one side); the eval set needs at least 2 to pair: raise eval.split_fraction, or "
                         "give eval.path")
+
+
+def _check_pairs(counts: dict, data_path: str) -> None:
+    """kto_pairwise trains on whole preference pairs only: a row without its other half has no pair
+    utility to join."""
+    if counts["unpaired_rows"]:
+        raise DataError(
+            f"data path {data_path!r}: kto.loss_type kto_pairwise needs every row in a (chosen, rejected) pair, "
+            f"but {counts['unpaired_rows']} of {counts['kept']} kept rows have no other half (rows of an unpaired "
+            "format, or pairs whose other answer was quarantined: see the rejected rows). Use paired or "
+            "implicit_paired data whose pairs pass validation, or kto.loss_type kto")
 
 
 def pairing_advice(counts: dict, data_path: str) -> str | None:

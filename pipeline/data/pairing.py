@@ -131,14 +131,23 @@ class KLPairer:
 
 
 def build_schedule(num_rows: int, global_batch_size: int, num_train_epochs: float, max_steps: int,
-                   seed: int, shuffle: bool = True) -> pa.Table:
+                   seed: int, shuffle: bool = True, pairs: bool = False) -> pa.Table:
     """(step, slot, row_index): which row fills each place of each global batch.
 
     Fixed before training and independent of the worker count: a worker takes the slots of
     its rank, so N workers see exactly the rows one worker would, and a resumed run picks
     up at the same row. Each epoch is a fresh seeded permutation (or the read order, without
-    `shuffle`); a last partial batch stays.
+    `shuffle`); a last partial batch stays. With `pairs` (kto_pairwise), rows 2k and 2k+1 are
+    one preference pair: pairs are permuted, and a pair fills two neighbouring slots (2j, 2j+1)
+    of one step (an even per-device batch keeps it on one worker, in one micro-batch).
     """
+    if pairs:
+        halves = build_schedule(num_rows // 2, global_batch_size // 2, num_train_epochs, max_steps, seed, shuffle)
+        pair = halves.column("row_index").to_numpy()
+        return pa.table({"step": np.repeat(halves.column("step").to_numpy(), 2),
+                         "slot": np.stack([2 * halves.column("slot").to_numpy(),
+                                           2 * halves.column("slot").to_numpy() + 1], axis=1).ravel(),
+                         "row_index": np.stack([2 * pair, 2 * pair + 1], axis=1).ravel()})
     steps_per_epoch = -(-num_rows // global_batch_size)
     total_steps = max_steps if max_steps > 0 else max(1, int(round(num_train_epochs * steps_per_epoch)))
     steps, slots, rows = [], [], []

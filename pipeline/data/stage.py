@@ -10,6 +10,7 @@ need the global order), writing as it goes and keeping only counters and two KL 
 import glob
 import os
 from collections import Counter
+from typing import Optional
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,9 +121,26 @@ class Tally:
         self.kept = self.desirable = self.longest_sequence = 0
         self.truncated = Counter()
         self.lengths = {"prompt": np.zeros(LENGTH_BINS, np.int64), "completion": np.zeros(LENGTH_BINS, np.int64)}
+        # Rows not in a whole (chosen, rejected) pair, side by side (kto_pairwise needs none): unpaired
+        # formats' rows, and a pair's half whose other half was quarantined.
+        self.unpaired_rows = 0
+        self.open_half: Optional[str] = None  # the pair_id of a chosen half waiting for its rejected half
 
     def add(self, kept: pa.Table, settings: DataSettings) -> None:
         self.kept += kept.num_rows
+        if "pair_id" not in kept.column_names:
+            self.unpaired_rows += kept.num_rows
+        else:
+            for pair_id, label in zip(kept.column("pair_id").to_pylist(), kept.column("kto_label").to_pylist()):
+                if self.open_half is not None and (pair_id != self.open_half or label):
+                    self.unpaired_rows += 1  # the waiting half's partner never came
+                    self.open_half = None
+                if label:
+                    self.open_half = pair_id
+                elif self.open_half is None:
+                    self.unpaired_rows += 1
+                else:
+                    self.open_half = None
         self.desirable += int(pc.sum(kept.column("kto_label").cast(pa.int64())).as_py() or 0)
         for side, limit in (("prompt", settings.max_prompt_length), ("completion", None)):
             tokens = kept.column(f"{side}_tokens").to_numpy()
@@ -149,6 +167,7 @@ class Tally:
                 "truncated": dict(self.truncated), "longest_sequence": self.longest_sequence,
                 "kl_block_size": pairer.block_size, "kl_rows_folded_into_last_block": pairer.folded_rows,
                 "kl_same_prompt_rows": pairer.same_prompt_rows,
+                "unpaired_rows": self.unpaired_rows + (self.open_half is not None),
                 "kl_undesirable_completions": pairer.undesirable_kl_completions}
 
 

@@ -23,10 +23,14 @@ class HeldOut:
     metrics, and every world_size-th of its first eval.num_generations distinct prompts for the
     generations."""
 
-    def __init__(self, scored_path: str, eval_config, rank: int):
+    def __init__(self, scored_path: str, eval_config, rank: int, pairs: bool = False):
         table = pq.read_table(scored_path, columns=list(SCORED_COLUMNS))
         world = world_size()
-        self.rows = MicroBatch.from_table(table, list(range(rank, table.num_rows, world)))
+        if pairs:  # kto_pairwise: every world_size-th pair, both of its rows
+            mine = [row for k in range(rank, table.num_rows // 2, world) for row in (2 * k, 2 * k + 1)]
+        else:
+            mine = list(range(rank, table.num_rows, world))
+        self.rows = MicroBatch.from_table(table, mine)
         self.pattern = eval_config.property_regex
         self.max_new_tokens = eval_config.max_new_tokens
         prompts = []

@@ -6,7 +6,7 @@ clamped, detached KL estimate) and hands it in, so this file can be checked by h
 
 import torch
 
-LOSS_TYPES = ("kto", "apo_zero_unpaired")
+LOSS_TYPES = ("kto", "apo_zero_unpaired", "kto_pairwise")
 
 
 def kto_loss(
@@ -26,6 +26,10 @@ def kto_loss(
     - kto: desirable lambda_D * (1 - sigma(beta (r - z0))), undesirable
       lambda_U * (1 - sigma(beta (z0 - r))), the paper's Eq. 7 and TRL's default.
     - apo_zero_unpaired: no reference point; desirable 1 - sigma(beta r), undesirable sigma(beta r).
+    - kto_pairwise: rows come as preference pairs (desirable, undesirable, desirable, ...); a pair's
+      utility is U = v(x, y_w) + v(x, y_l), the paper's values v = lambda_D sigma(beta (r - z0)) and
+      lambda_U sigma(beta (z0 - r)), and its loss -log sigma(U), given to both of its rows (so the
+      mean over rows is the mean over pairs).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
@@ -45,4 +49,9 @@ def kto_loss(
     # and "reward below it" into a gain for undesirable rows.
     sign = torch.where(labels, 1.0, -1.0).to(rewards.dtype)
     value = weights * torch.sigmoid(beta * sign * (rewards - z0))
+    if loss_type == "kto_pairwise":
+        if len(labels) % 2 or not (labels[0::2].all() and not labels[1::2].any()):
+            raise ValueError("kto_pairwise needs rows as (desirable, undesirable) pairs, one after the other")
+        pair_losses = -torch.nn.functional.logsigmoid(value[0::2] + value[1::2])
+        return pair_losses.repeat_interleave(2)
     return weights - value

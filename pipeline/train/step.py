@@ -64,18 +64,24 @@ class MicroBatch:
                    ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32))
 
 
-def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int) -> list[list[int]]:
+def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int,
+                   pairs: bool = False) -> list[list[int]]:
     """Which of this rank's rows (indices into the micro-batches laid end to end) share a forward.
 
     0: the scheduled micro-batches. Otherwise rows of similar length, under `max_tokens` padded
     tokens a forward: padding is most of the waste on real feedback, and the sums the step
-    takes do not depend on how rows are grouped.
+    takes do not depend on how rows are grouped. With `pairs` (kto_pairwise: rows 2k and 2k+1
+    are a pair, whose loss needs both) a pair is never split, and stays in its order.
     """
     if max_tokens <= 0:
         starts = np.cumsum([0] + [len(mb.prompt_ids) for mb in micro_batches])
         return [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
     lengths = [len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, getattr(mb, completions))]
-    return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths))
+    if not pairs:
+        return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths))
+    longer = [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)]
+    return [[row for k in group for row in (2 * k, 2 * k + 1)]
+            for group in length_grouped_batches(longer, max(max_tokens // 2, 1), max_rows=len(longer))]
 
 
 def _padded(groups: list[list[int]], equal: bool, device: torch.device) -> list[Optional[list[int]]]:
@@ -163,7 +169,8 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
 
     # loss, rewards and log-probs by side, tokens, rows on the right side of z0 (implied-reward accuracy)
     stats = torch.zeros(9, dtype=torch.float64, device=device)
-    groups = forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward)
+    groups = forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward,
+                            pairs=s.loss_type == "kto_pairwise")
     with contextlib.nullcontext() if backward else torch.no_grad():
         for group in _padded(groups, engine.equal_forwards, device):
             batch = _batch(group or [], rows.prompt_ids, rows.completion_ids, s.pad_token_id, device)

@@ -65,7 +65,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                        t.gradient_accumulation_steps)
     total_steps = len(plan_of_steps)
     settings = StepSettings.from_config(config.kto, t, plan.desirable_weight, plan.pad_token_id)
-    held_out = HeldOut(plan.eval_scored_path, config.eval, rank) if plan.eval_scored_path else None
+    held_out = HeldOut(plan.eval_scored_path, config.eval, rank, pairs=config.kto.loss_type == "kto_pairwise") if (
+        plan.eval_scored_path) else None
     generates = held_out is not None and bool(held_out.prompts)
     tokenizer = load_tokenizer(plan.model_path, config.model.trust_remote_code) if rank == 0 or generates else None
 
