@@ -69,3 +69,34 @@ def test_one_and_two_workers_agree(tiny_model, reference_runs):
     assert two_before.pop("sample_generation") == one_before.pop("sample_generation")  # greedy, split over 2 ranks
     assert two_before == pytest.approx(one_before, rel=1e-5, abs=1e-6)
 
+
+
+def test_kto_pairwise_with_one_and_two_workers_agrees(tmp_path, tiny_model, ray_local):
+    """Whole pairs a step, on one worker or split over two (each rank holding whole pairs, the eval
+    set's 3 pairs split 2 + 1): the same loss, z0 and weights."""
+    import pyarrow as pa
+
+    from conftest import train_and_load
+    from tiny import WORDS
+
+    def paired(path, pairs, seed):
+        words = WORDS[seed:] + WORDS[:seed]
+        pq.write_table(pa.table({"prompt": [f"{words[i]} {words[i + 1]}?" for i in range(pairs)],
+                                 "chosen": [f"{words[i + 2]} {words[i]}." for i in range(pairs)],
+                                 "rejected": [f"{words[i + 3]}." for i in range(pairs)]}), str(path))
+        return str(path)
+
+    data, held_out = paired(tmp_path / "pairs.parquet", 8, 0), paired(tmp_path / "held.parquet", 3, 9)
+    runs = {workers: train_and_load(tmp_path / f"w{workers}", tiny_model, data, **{
+        "kto.loss_type": "kto_pairwise", "scaling.num_workers": workers, "training.max_steps": 3,
+        "training.per_device_train_batch_size": 4 // workers, "training.learning_rate": 1e-3,
+        "eval.path": held_out, "output.run_name": f"pairwise{workers}"}) for workers in (1, 2)}
+    (one_metrics, one_weights, one_summary), (two_metrics, two_weights, _) = runs[1], runs[2]
+    assert one_summary["data"]["unpaired_rows"] == 0 and [m["examples"] for m in one_metrics] == [4, 4, 4]
+    assert "eval/loss" in one_metrics[-1]  # (held-out metrics at the end)
+    for one, two in zip(one_metrics, two_metrics):
+        for key in ("loss", "kl", "rewards/margins", "grad_norm", "eval/loss", "eval/accuracy", "eval/examples"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (one["step"], key)
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(two_weights[name], tensor, rtol=1e-5, atol=1e-6)
