@@ -82,7 +82,7 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no EOS token; KTO appends EOS to every completion")
+        raise ValueError(f"tokenizer at {path} has no EOS token; plain-text completions end with it")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere
     return tokenizer
