@@ -78,6 +78,7 @@ class KTOConfig:
     beta: float = 0.1
     desirable_weight: Union[float, str] = 1.0  # or "auto": set from the label counts
     undesirable_weight: float = 1.0
+    # kto: the paper's (TRL's default) | apo_zero_unpaired: TRL's, no z0 | kto_pairwise: -log sigma of a pair's utilities
     loss_type: str = one_of("kto", LOSS_TYPES)
     max_length: int = 1024
     max_prompt_length: int = 512
