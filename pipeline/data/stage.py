@@ -10,8 +10,8 @@ need the global order), writing as it goes and keeping only counters and two KL 
 import glob
 import os
 from collections import Counter
-from typing import Optional
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
