@@ -28,9 +28,10 @@ from pipeline.train.step import MicroBatch, StepSettings, train_step  # noqa: E4
 
 
 def micro_batch(tokenizer, rows: int) -> MicroBatch:
-    data = feedback_rows(qa_pairs()[:rows], tokenizer, random.Random(0))
-    prompts = [tokenizer(p)["input_ids"] for p in data["prompt"][:rows]]
-    completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    data = feedback_rows(qa_pairs()[:rows], random.Random(0))
+    prompts = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for p in data["prompt"][:rows]]
+    completions = [tokenizer(c[0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for c in data["completion"][:rows]]
     kl = completions[1:] + completions[:1]
     return MicroBatch(prompts, completions, kl, torch.tensor(data["label"][:rows]), torch.zeros(rows), torch.zeros(rows))

@@ -2,7 +2,7 @@
 (pipeline/scoring.py) for the training data and the eval data, each cached under
 reference.cache_dir. `launch.py precompute` and `validate` stop here; `train` goes on (run.py).
 No stage loads a model on the driver: tokenizing, scoring and GGUF conversion run in Ray tasks
-and actors; the driver keeps a tokenizer (for its pad token and the demo data) and counters."""
+and actors; the driver keeps a tokenizer (for its pad token) and counters."""
 
 import glob
 import logging
@@ -46,7 +46,7 @@ def precompute(config: Config) -> Prepared:
     if config.data.generate_demo:
         from pipeline.data.demo import ensure_demo_data
 
-        ensure_demo_data(config.data.path, config.eval.path, tokenizer)
+        ensure_demo_data(config.data.path, config.eval.path)
     pad = tokenizer.pad_token_id
     scored_path, counts, folder = _prepare(config, "train", config.data.path, model_path, reference_path, pad)
     prepared = Prepared(model_path, reference_path, pad, scored_path, counts)

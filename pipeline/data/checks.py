@@ -59,7 +59,10 @@ def check_counts(config: Config, counts: dict, data_path: str) -> None:
         raise DataError(
             f"data path {data_path!r}: {rejected} of {read} rows ({rejected / read:.1%}) were rejected ({reasons}), "
             f"above data.max_rejected_fraction = {config.data.max_rejected_fraction:g}. The rows and their reasons "
-            f"are in {counts['rejected_dir']}; fix the data, or raise data.max_rejected_fraction")
+            f"are in {counts['rejected_dir']}; fix the data, or raise data.max_rejected_fraction"
+            + (". Text that holds control tokens (<|im_start|>, </s>...) is usually a prompt templated by hand: "
+               "give the conversation as lists of messages, or set data.allow_control_tokens: true"
+               if "control_token_in_text" in counts["rejected_by_reason"] else ""))
     if counts["kept"] < 2:
         raise DataError(f"data path {data_path!r}: {counts['kept']} usable row(s) ({reasons or 'none rejected'}); "
                         "KL pairing needs at least 2")

@@ -3,7 +3,8 @@
 so the share of held-out greedy answers that do shows what KTO taught it.
 
 Labels are unbalanced (about 1 desirable to 2 undesirable), as real feedback is.
-Prompts are rendered with the tokenizer's chat template, so the pipeline sees plain text.
+Rows are conversational (a user turn, an assistant turn): the data stage renders them with the
+model's chat template, as it would a user's conversations.
 """
 
 import os
@@ -42,22 +43,20 @@ def qa_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-def feedback_rows(pairs, tokenizer, rng: random.Random) -> dict:
+def feedback_rows(pairs, rng: random.Random) -> dict:
     rows = {"prompt": [], "completion": [], "label": []}
     for question, answer in pairs:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)
         options = [(OPENING + answer, True)] + [(o + answer, False) for o in rng.sample(OTHER_OPENINGS, 2)]
         for completion, label in options:
-            rows["prompt"].append(prompt)
-            rows["completion"].append(completion)
+            rows["prompt"].append([{"role": "user", "content": question}])
+            rows["completion"].append([{"role": "assistant", "content": completion}])
             rows["label"].append(label)
     order = list(range(len(rows["label"])))
     rng.shuffle(order)
     return {k: [v[i] for i in order] for k, v in rows.items()}
 
 
-def ensure_demo_data(train_path: str, eval_path: str | None, tokenizer, held_out: int = 12, seed: int = 0) -> None:
+def ensure_demo_data(train_path: str, eval_path: str | None, held_out: int = 12, seed: int = 0) -> None:
     """Write the train and held-out Parquet files unless both exist; questions never cross the split."""
     if os.path.exists(train_path) and (eval_path is None or os.path.exists(eval_path)):
         return
@@ -67,4 +66,4 @@ def ensure_demo_data(train_path: str, eval_path: str | None, tokenizer, held_out
     for path, part in ((train_path, pairs[held_out:]), (eval_path, pairs[:held_out])):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            pq.write_table(pa.table(feedback_rows(part, tokenizer, rng)), path)
+            pq.write_table(pa.table(feedback_rows(part, rng)), path)
