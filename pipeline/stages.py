@@ -119,14 +119,13 @@ def _prepare(config: Config, source: str, data_path: str, model_path: str, refer
 def _score(config: Config, examples_dir: str, longest_sequence: int, reference_path: str,
            pad_token_id: int) -> tuple[str, bool]:
     """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached)."""
-    r = config.reference
+    r, options = config.reference, ScoringOptions.from_config(config)
     scored_path = f"{examples_dir}-scored-" + fingerprint(
-        [], [reference_path], {"backend": r.backend, "dtype": r.dtype,
-                               "kl": ScoringOptions.from_config(config).score_kl}) + ".parquet"
+        [], [reference_path], {"backend": r.backend, "dtype": r.dtype, "kl": options.score_kl}) + ".parquet"
     cache_hit = os.path.exists(scored_path)
     if not cache_hit:
         score_examples(examples_dir, scored_path, longest_sequence, backend=r.backend,
                        reference_path=reference_path, pad_token_id=pad_token_id, num_replicas=r.num_replicas,
                        num_cpus_per_replica=r.num_cpus_per_replica, num_gpus_per_replica=r.num_gpus_per_replica,
-                       options=ScoringOptions.from_config(config))
+                       options=options)
     return scored_path, cache_hit

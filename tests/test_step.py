@@ -20,6 +20,17 @@ def _rows(tokenizer, n=6, seed=0):
     return prompts, completions
 
 
+def _model_and_rows(tiny_model, n: int, seed: int, mode: str = "train"):
+    """The tiny model (in `mode`), its tokenizer, n random rows and their KL completions (the next row's)."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model)
+    model.train(mode == "train")
+    prompts, completions = _rows(tokenizer, n=n, seed=seed)
+    return tokenizer, model, prompts, completions, [completions[(i + 1) % n] for i in range(n)]
+
+
 def _micro_batch(prompts, completions, labels, ref, ref_kl, rows):
     return MicroBatch([prompts[i] for i in rows], [completions[i] for i in rows],
                       [completions[(i + 1) % len(prompts)] for i in rows], labels[rows], ref[rows], ref_kl[rows])
@@ -67,12 +78,7 @@ def test_accumulation_matches_one_batch_and_z0_is_the_clamped_global_mean(tiny_m
 
 
 def test_negative_kl_estimate_is_clamped_to_zero(tiny_model):
-    from pipeline.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_model)
-    model = load_causal_lm(tiny_model).train()
-    prompts, completions = _rows(tokenizer, n=4, seed=1)
-    kl_completions = [completions[(i + 1) % 4] for i in range(4)]
+    tokenizer, model, prompts, completions, kl_completions = _model_and_rows(tiny_model, n=4, seed=1)
     with torch.no_grad():
         policy_kl = sequence_logps(model, collate(prompts, kl_completions, tokenizer.pad_token_id))
     labels = torch.tensor([True, False, True, False])
@@ -103,17 +109,13 @@ def test_sequence_logps_sums_the_completion_tokens_log_probs(tiny_model):
 def test_accuracy_counts_ties_half_and_apo_judges_against_zero(tiny_model):
     """Held-out accuracy with a reference equal to the policy (every implied reward ~1e-6 from z0 = 0):
     every row a tie, 0.5, whatever the float noise; then rows moved clearly to one side by hand."""
-    from pipeline.models import load_causal_lm, load_tokenizer
     from pipeline.train.step import eval_step, right_side
 
     assert right_side(torch.tensor([0.3, 0.3, -0.3, 5e-5, -0.2]), torch.tensor([True, False, False, True, True]),
                       torch.tensor(0.1)).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert right_side(torch.tensor([0.10005, 0.09995]), torch.tensor([True, False]), 0.1).tolist() == [0.5, 0.5]
 
-    tokenizer = load_tokenizer(tiny_model)
-    model = load_causal_lm(tiny_model).eval()
-    prompts, completions = _rows(tokenizer, n=4, seed=3)
-    kl_completions = [completions[(i + 1) % 4] for i in range(4)]
+    tokenizer, model, prompts, completions, kl_completions = _model_and_rows(tiny_model, n=4, seed=3, mode="eval")
     with torch.no_grad():
         own = sequence_logps(model, collate(prompts, completions, tokenizer.pad_token_id))
         own_kl = sequence_logps(model, collate(prompts, kl_completions, tokenizer.pad_token_id))
