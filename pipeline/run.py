@@ -67,7 +67,7 @@ def train(config: Config) -> dict:
     summary = {
         "final_metrics": steps[-1], "steps": len(steps), "data": counts, "eval_data": prepared.eval_counts,
         "reference": {"backend": config.reference.backend, "dtype": config.reference.dtype,
-                      "step0_drift": state.step0_drift},
+                      "scored_path": prepared.scored_path, "step0_drift": state.step0_drift},
         "label_counts": {"desirable": counts["desirable"], "undesirable": counts["undesirable"]},
         "desirable_weight": desirable_weight, "num_workers": config.scaling.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": state.eval_before,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch_here, reference_overrides
+from conftest import SHARED_CACHE, launch_here, reference_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,8 @@ def test_a_job_on_a_three_node_cluster_spreads_its_workers_and_matches_one_node(
     # `python launch.py ...` with the PATH of the node it starts on).
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     dashboard = _free_port()
-    # A head with 2 CPUs for the job's driver, the data stage and the reference actor; two nodes of 1 CPU.
+    # A head with 2 CPUs for the job's driver; two nodes of 1 CPU. The job finds its rows scored in
+    # the session's reference cache (the single-node run scored them): it only trains.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "object_store_memory": 150 * 2**20, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
@@ -50,7 +51,7 @@ def test_a_job_on_a_three_node_cluster_spreads_its_workers_and_matches_one_node(
                     "kto.max_prompt_length": 32, "kto.desirable_weight": 1.0, "training.learning_rate": 1e-4,
                     "training.warmup_ratio": 0.0, "output.output_dir": str(tmp_path / "runs"),
                     "output.run_name": "spread", "output.report_to": "[]", "scaling.placement_strategy": "STRICT_SPREAD",
-                    "reference.cache_dir": str(tmp_path / "cache"), "model.cache_dir": str(tmp_path / "models")}
+                    "reference.cache_dir": SHARED_CACHE, "model.cache_dir": str(tmp_path / "models")}
         overrides = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
         address = f"http://127.0.0.1:{dashboard}"
         submitted = launch_here("submit", "--address", address, "--follow", "--no-requirements", *overrides)
@@ -65,6 +66,7 @@ def test_a_job_on_a_three_node_cluster_spreads_its_workers_and_matches_one_node(
         cluster.shutdown()
 
     run = tmp_path / "runs" / "spread"
+    assert json.loads((run / "summary.json").read_text())["data"]["reference_cache_hit"] is True
     workers = json.loads((run / "workers.json").read_text())
     assert [w["rank"] for w in workers] == [0, 1] and workers[0]["node_id"] != workers[1]["node_id"]
     single_node_metrics, single_node_weights, _, _ = reference_runs[2]

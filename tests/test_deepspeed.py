@@ -70,17 +70,32 @@ def test_zero_stage_matches_ddp_with_one_worker(tmp_path, tiny_model, reference_
 
 
 BF16_PROBE = """
-import os, torch, torch.distributed as dist
+import os, pyarrow as pa, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PROBE_PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
 from transformers import LlamaConfig, LlamaForCausalLM
+from pipeline.logprobs import score_sequences
+from pipeline.models import load_causal_lm
+from pipeline.train import drift
 from pipeline.train.engines import DeepSpeedEngine, deepspeed_config, make_optimizer, skip_deepspeed_shm_build
 skip_deepspeed_shm_build(on_gpu=False)
+torch.manual_seed(0)
+rows = [([1, *torch.randint(2, 64, (6,)).tolist()], torch.randint(2, 64, (5,)).tolist()) for _ in range(8)]
 for stage in (1, 2, 3):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
+    if stage == 1:
+        model.save_pretrained(os.environ["PROBE_DIR"])  # the reference: the same weights, loaded as the reference stage does
     engine = DeepSpeedEngine(model, *make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10),
                              deepspeed_config(stage, False, False, bf16=True, max_grad_norm=1.0, per_device_train_batch_size=2))
+    if stage == 1:  # the step-0 drift check of this bfloat16 trainer, against a float32 and a bfloat16 reference
+        for dtype in (torch.float32, torch.bfloat16):
+            reference = load_causal_lm(os.environ["PROBE_DIR"], dtype=dtype)
+            scored = score_sequences(reference, [p for p, _ in rows], [c for _, c in rows], 0)
+            sample = pa.table({"prompt_ids": [p for p, _ in rows], "completion_ids": [c for _, c in rows],
+                               "kl_completion_ids": [c for _, c in rows[1:] + rows[:1]],
+                               "ref_logp": scored.tolist(), "ref_kl_logp": [float("nan")] * len(rows)})
+            print("drift", dtype, drift.measure(engine, sample, 0, 0, 4096)["max_abs_per_sequence"], flush=True)
     ids = torch.randint(0, 64, (2, 8))
     for _ in range(2):  # a step of two backwards
         engine.backward(engine.engine(input_ids=ids, labels=ids).loss)
@@ -89,9 +104,11 @@ for stage in (1, 2, 3):
 """
 
 
-def test_bf16_zero_accumulates_and_reduces_gradients_in_float32():
+def test_bf16_zero_accumulates_and_reduces_gradients_in_float32_and_measures_its_own_drift(tmp_path):
     """The GPU configs' bfloat16 DeepSpeed engine, run on CPU (1 rank): every ZeRO stage keeps a step's
-    gradients, and their reduction, in float32 (DeepSpeed's default would sum them in bfloat16)."""
+    gradients, and their reduction, in float32 (DeepSpeed's default would sum them in bfloat16); and
+    the step-0 drift check, run on that engine, finds the gap to a float32 reference (r != 0 at step
+    0) and none to a bfloat16 one (the run that stops on the gap: the next test)."""
     import socket
     import subprocess
     import sys
@@ -102,24 +119,22 @@ def test_bf16_zero_accumulates_and_reduces_gradients_in_float32():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = subprocess.run([sys.executable, "-c", BF16_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PROBE_PORT": str(port)})
+                            env={**os.environ, "PROBE_PORT": str(port), "PROBE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line[:2] in ("1 ", "2 ", "3 ")]
     assert lines == [f"{stage} torch.bfloat16 torch.float32 torch.float32 True" for stage in (1, 2, 3)], result.stdout
+    gaps = {line.split()[1]: float(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("drift ")}
+    assert gaps["torch.float32"] > 1e-3 and gaps["torch.bfloat16"] == 0.0, gaps
 
 
 def test_the_drift_check_measures_a_bf16_trainer_against_its_reference(tmp_path, tiny_model, reference_data, ray_local):
-    """A bfloat16 trainer (DeepSpeed, here on CPU) against a float32 reference: r != 0 at step 0
-    (measured: up to 0.007 nats a sequence on the tiny model), and the check, run in the trainer's
-    own dtype, stops the run above its bound; against a bfloat16 reference the two computations
-    agree (measured: exactly) and the same bound lets the run train."""
+    """A bfloat16 trainer (DeepSpeed under Ray Train, here on CPU, `training.bf16`) against a float32
+    reference: r != 0 at step 0 (measured: up to 0.007 nats a sequence on the tiny model), and the
+    check, run on the workers in the trainer's own dtype, stops the run above its bound (against a
+    bfloat16 reference the same engine finds no gap: the probe above)."""
     from pipeline.train.drift import DriftError
 
     settings = {"scaling.strategy": "deepspeed", "deepspeed.zero_stage": 1, "training.bf16": True,
                 "training.max_steps": 1, "output.run_name": "bf16", "reference.drift_max_abs": 1e-3}
     with pytest.raises(DriftError, match=r"\(hf, float32\) differ from the trainer's own by up to 0\.00[1-9]"):
         train_and_load(tmp_path / "float32", tiny_model, reference_data[0], **settings)
-    _, _, summary = train_and_load(tmp_path / "bfloat16", tiny_model, reference_data[0],
-                                   **{**settings, "reference.dtype": "bfloat16"})
-    drift = summary["reference"]["step0_drift"]
-    assert summary["steps"] == 1 and drift["sequences"] == 20 and drift["max_abs_per_sequence"] < 1e-3, drift
