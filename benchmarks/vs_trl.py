@@ -11,10 +11,11 @@ Four contenders, alternated within each repeat, each in a fresh process:
 - TRL with `precompute_ref_log_probs=True`.
 TRL 1.x defaults to bf16 autocast and gradient checkpointing; both are turned off here, for the
 float32 comparison the anchor numbers in ../shared/MEASURED.md were taken with.
-Rows: the first `--rows` rows of `../shared/data/hh-rlhf-harmless-base-test.kto.parquet` whose
-prompt + completion + EOS fit in `--max-length` tokens, so that neither side truncates and both
-train on the same token sequences, in read order on both sides (`train_sampling_strategy:
-sequential`), so each step holds the same rows. One epoch: every row is seen once.
+Rows: the first `--rows` rows of `../shared/data/hh-rlhf-harmless-base-test.kto.parquet` with one
+answer per prompt (see select_rows), in read order on both sides (`train_sampling_strategy:
+sequential`), so each step holds the same rows and the same KL pairs. Rows longer than
+`--max-length` are cut as TRL cuts them (ours with kto.max_prompt_length = kto.max_length). One
+epoch: every row is seen once.
 
 Columns: end-to-end wall time of the process (model load, data, reference scoring, training,
 saving); training tokens/s (prompt + completion tokens of the rows trained on, padding excluded,
@@ -39,25 +40,48 @@ HH_RLHF = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test
 CONTENDERS = ("ours-hf", "ours-vllm", "trl-default", "trl-precompute")
 
 
-def select_rows(tokenizer_path: str, rows: int, max_length: int, target: str) -> int:
-    """Writes the first `rows` rows that fit untruncated; returns their token count."""
+def tokenized(tokenizer_path: str, table, max_length: int):
+    """Our data stage's tokenization of `table` (prompt, completion, label), cut as `launch.py`
+    cuts it here: kto.max_prompt_length = kto.max_length, which is TRL's keep_start truncation
+    (prompt + completion cut from the right at max_length; a prompt that fills it is dropped)."""
+    from pipeline.data.stage import DataSettings
+    from pipeline.data.tokenize import tokenize_batch
+
+    settings = DataSettings(tokenizer_path=tokenizer_path, max_length=max_length, max_prompt_length=max_length,
+                            kl_block_size=2)
+    return tokenize_batch(table.select(["prompt", "completion", "label"]), "unpaired", settings)
+
+
+def select_rows(tokenizer_path: str, rows: int, max_length: int, batch_size: int, ours: str, trl: str) -> dict:
+    """The first `rows` rows with one answer per prompt (chosen and rejected in turn), so that no
+    KL block holds a prompt twice and our pairing is the plain rotation; a row may need truncation,
+    but its prompt leaves room for an answer (TRL drops such rows, we quarantine them).
+
+    Our KL partner is the next row of the block, TRL's the previous one (its +1 rotation); TRL's
+    file holds each batch-sized block reversed, so both pair the same completions with the same
+    prompts, and a step's loss (a mean over its block) is the same sum on both sides."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.models import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
     table = pq.read_table(HH_RLHF, columns=["prompt", "completion", "label"])
-    keep, tokens = [], 0
-    for i, (prompt, completion) in enumerate(zip(table.column("prompt").to_pylist(),
-                                                 table.column("completion").to_pylist())):
-        length = len(tokenizer(prompt)["input_ids"]) + len(tokenizer(completion, add_special_tokens=False)["input_ids"]) + 1
-        if length <= max_length:
-            keep.append(i)
-            tokens += length
+    pairs = table.slice(0, 4 * rows)
+    examples = tokenized(tokenizer_path, pairs, max_length)
+    prompt_tokens = examples.column("prompt_tokens").to_pylist()
+    completion_tokens = examples.column("completion_tokens").to_pylist()
+    keep, seen = [], set()
+    for i, (prompt, label) in enumerate(zip(pairs.column("prompt").to_pylist(), pairs.column("label").to_pylist())):
+        if prompt in seen or label != (len(keep) % 2 == 0) or not 0 < prompt_tokens[i] < max_length:
+            continue
+        seen.add(prompt)
+        keep.append(i)
         if len(keep) == rows:
             break
-    pq.write_table(table.take(keep), target)
-    return tokens
+    chosen = pairs.take(keep)
+    pq.write_table(chosen, ours)
+    reversed_blocks = [j for start in range(0, rows, batch_size) for j in reversed(range(start, min(start + batch_size, rows)))]
+    pq.write_table(chosen.take(pa.array(reversed_blocks)), trl)
+    lengths = [prompt_tokens[i] + completion_tokens[i] for i in keep]
+    return {"tokens": sum(min(n, max_length) for n in lengths), "truncated": sum(n > max_length for n in lengths)}
 
 
 def run_trl(model_path: str, data: str, out: str, precompute: bool, a: argparse.Namespace) -> dict:
@@ -130,6 +154,17 @@ def run_ours(model_path: str, data: str, out: str, backend: str, a: argparse.Nam
             "rows": summary["data"]["kept"], "tokens": sum(step["num_tokens"] for step in steps)}
 
 
+def run_contender(contender: str, model_path: str, data: str, out: str, a: argparse.Namespace) -> dict:
+    """One contender's run in a fresh process (this file with --one); its numbers."""
+    flags = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
+             ("steps", "batch_size", "max_length", "learning_rate", "beta", "seed", "threads", "max_tokens_per_forward")]
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--one", contender, model_path, data, out],
+                           capture_output=True, text=True)
+    if child.returncode:
+        sys.exit(f"{contender}: {child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,tiny")
@@ -162,20 +197,15 @@ def main() -> None:
                   "tiny": lambda: make_tiny_model(os.path.join(scratch, "tiny"))}
         for name in a.models.split(","):
             model_path = models[name]()
-            data = os.path.join(scratch, f"{name}-rows.parquet")
-            tokens = select_rows(model_path, a.rows, a.max_length, data)
-            print(f"{name}: {a.rows} rows, {tokens} tokens, {a.steps} steps of {a.batch_size}", flush=True)
+            ours_data, trl_data = (os.path.join(scratch, f"{name}-{side}.parquet") for side in ("ours", "trl"))
+            rows = select_rows(model_path, a.rows, a.max_length, a.batch_size, ours_data, trl_data)
+            print(f"{name}: {a.rows} rows ({rows['truncated']} cut at max_length {a.max_length}), {rows['tokens']} "
+                  f"tokens, {a.steps} steps of {a.batch_size}", flush=True)
             for repeat in range(a.repeats):
                 for contender in a.contenders.split(","):
                     out = os.path.join(scratch, f"{name}-{contender}-{repeat}")
-                    flags = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
-                             ("steps", "batch_size", "max_length", "learning_rate", "beta", "seed", "threads",
-                              "max_tokens_per_forward")]
-                    child = subprocess.run([sys.executable, __file__, *flags, "--one", contender, model_path, data, out],
-                                           capture_output=True, text=True)
-                    if child.returncode:
-                        sys.exit(f"{name} {contender}: {child.stderr[-3000:]}")
-                    result = json.loads(child.stdout.strip().splitlines()[-1])
+                    data = trl_data if contender.startswith("trl") else ours_data
+                    result = run_contender(contender, model_path, data, out, a)
                     results.setdefault((name, contender), []).append(result)
                     print(f"  {contender} repeat {repeat}: {result['wall_s']:.0f} s, "
                           f"{result['train_tokens_per_s']:.0f} tok/s, {result['peak_rss_mib']:.0f} MiB", flush=True)
