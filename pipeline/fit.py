@@ -109,20 +109,24 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
 
 
 def torch_trainer_class(embedded: bool):
-    """Ray Train's TorchTrainer; on the embedded Ray, without its PlacementGroupCleaner. In Ray 2.60
-    that helper's stop() joins a monitor thread that cannot exit before the join times out, which
-    adds 12 s to the end of every run (measured here on every fit; upstream ray-project/ray#62516,
-    #65447). It only matters when a controller dies while the cluster lives on, which an embedded
-    Ray, ending with this process, does not: on a cluster it stays."""
+    """Ray Train's TorchTrainer without two of its default helpers:
+    - the DatasetsCallback, which starts a DatasetManager actor (a Python process of its own) for
+      every worker group even when, as here, no Ray Dataset is passed: the workers read their
+      scheduled rows from the scored Parquet file themselves;
+    - on the embedded Ray, the PlacementGroupCleaner: in Ray 2.60 its stop() joins a monitor
+      thread that cannot exit before the join times out, which adds 12 s to the end of every run
+      (measured here on every fit; upstream ray-project/ray#62516, #65447). It only matters when a
+      controller dies while the cluster lives on, which an embedded Ray, ending with this process,
+      does not: on a cluster it stays.
+    """
     from ray.train.torch import TorchTrainer
-
-    if not embedded:
-        return TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class EmbeddedTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            return [callback for callback in super()._create_default_callbacks()
-                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+    dropped = (DatasetsCallback, PlacementGroupCleanerCallback) if embedded else (DatasetsCallback,)
 
-    return EmbeddedTorchTrainer
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, dropped)]
+
+    return LeanTorchTrainer

@@ -24,8 +24,8 @@ STEPS = 24
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model, ray_local):
-    """A config file for a 2-worker run of STEPS steps checkpointed every 3, and its uninterrupted
-    result (trained in this process, on the session's Ray)."""
+    """A config file for a 2-worker run of STEPS steps checkpointed every 3, and the result of the
+    same run uninterrupted (trained in this process, on the session's Ray)."""
     root = tmp_path_factory.mktemp("fault")
     data = write_feedback(str(root / "feedback.parquet"), rows=STEPS * 4)
     config = {
@@ -41,7 +41,8 @@ def setup(tmp_path_factory, tiny_model, ray_local):
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = launch_here("train", "--config", str(path))
+    # (checkpointed only at the end: where a run saves must not change what it computes)
+    result = launch_here("train", "--config", str(path), "--set", "training.save_steps=0")
     assert result.returncode == 0, result.stderr[-3000:]
     return str(path), root / "runs", _weights(root / "runs" / "uninterrupted")
 
