@@ -31,8 +31,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vs_trl import HH_RLHF, ROOT, run_contender, tokenized  # noqa: E402
 
-sys.path.insert(0, ROOT)
-
 
 def whole_pairs(tokenizer_path: str, max_length: int):
     """Indices of the file's rows whose pair (same prompt, side by side) fits max_length, and the table."""
