@@ -12,8 +12,9 @@ from typing import Any, Optional, Union
 import yaml
 
 from pipeline.data.formats import FORMATS
-from pipeline.train.loss import LOSS_TYPES
 from pipeline.train.trackers import REPORTERS
+
+LOSS_TYPES = ("kto", "apo_zero_unpaired", "kto_pairwise")  # pipeline/train/loss.py
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,9 @@ class DataConfig:
     # Text holding a control token's literal string (<|im_start|>, </s>, <|eot_id|>) is quarantined as
     # control_token_in_text: tokenized, it would become that token. true: keep it (text you templated yourself)
     allow_control_tokens: bool = False
+    # A prompt or completion longer than this many characters is quarantined as text_too_long before
+    # tokenizing (a runaway field would otherwise cost its tokenizing task that much memory and time)
+    max_text_chars: int = 1_000_000
 
 
 @dataclass
@@ -182,6 +186,9 @@ class RetrainConfig:
     gate_max_kl: float = 10.0  # ... and its drift |mean log pi/pi_ref| on the held-out KL pairs <= this (nats)
     keep_models: int = 5  # candidate model folders kept (the promoted one always); ledger rows are never deleted
     lock_stale_after_s: float = 600.0  # a lock whose heartbeat is older than this is taken over
+    # A partition is sealed (eligible) once it holds a _SUCCESS marker, or once none of its files has
+    # changed for this many seconds
+    settle_s: float = 600.0
 
 
 @dataclass
