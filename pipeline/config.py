@@ -2,12 +2,19 @@
 
 Field names follow TRL's KTOConfig where TRL has one (beta, desirable_weight, max_length,
 per_device_train_batch_size, ...) so that TRL users recognise them.
+
+Every field is checked at start-up, by one rule set: its type from the annotation (Optional[...]
+allows null; a bool is not an int; an int is taken where a float is declared; floats are finite;
+strings are non-empty), its `one_of` choices or its `ranged` bounds, declared on the field beside
+its default (so that `launch.py config show` lists them), then the rules that relate two fields.
 """
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 
@@ -21,6 +28,30 @@ class ConfigError(ValueError):
     """A config value that cannot run; the message names the key, the value and what is allowed."""
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as the config reads it: PyYAML's safe loader with YAML 1.2's booleans and floats.
+
+    YAML 1.1 (PyYAML's default) reads yes / no / on / off as booleans, so a label map written
+    `{yes: true, no: false}` became {True: True, False: False} and every "yes" / "no" row was
+    rejected. Here only true / false (any case style YAML 1.2 allows) are booleans; yes, no, on and
+    off stay the strings the user wrote, in the file and in `--set` alike. YAML 1.1 also reads
+    1e-6 (no dot) and 2.0e5 (no exponent sign) as strings; here they are the numbers they mean."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789."))
+
+
+def read_yaml(text_or_file) -> Any:
+    return yaml.load(text_or_file, Loader=ConfigLoader)
+
+
 def one_of(default: Any, choices: tuple) -> Any:
     """A field whose value must be one of `choices` (a list field: each of its items); the choices
     are checked by `validate` and listed by `launch.py config show`."""
@@ -29,24 +60,60 @@ def one_of(default: Any, choices: tuple) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number field (ge: >=, gt: >, le: <=, lt: <), and what a special value means."""
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{_number(self.ge)}" if self.ge is not None else f"({_number(self.gt)}" if self.gt is not None else ""
+        high = f"{_number(self.le)}]" if self.le is not None else f"{_number(self.lt)})" if self.lt is not None else ""
+        if low and high:
+            text = f"in {low}, {high}"
+        else:
+            text = " ".join(f"{sign} {_number(bound)}" for sign, bound in
+                            ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if bound is not None)
+        return f"{text} ({self.note})" if self.note else text
+
+
+def ranged(default: Any, *, ge=None, gt=None, le=None, lt=None, note: str = "") -> Any:
+    """A number field whose value must lie within bounds (null, where the type allows it, is not
+    bounded); the bounds are checked by `validate` and listed by `launch.py config show`."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt, note)})
+
+
 @dataclass
 class DataConfig:
     path: str = "data/demo/train.parquet"  # a Parquet / JSON / JSON-lines file or a folder of them (hive allowed)
     # auto: told from the columns | unpaired (prompt, completion, label) | paired (prompt, chosen,
     # rejected) | implicit_paired (chosen, rejected sharing a prompt) | messages (messages, label)
     format: str = one_of("auto", FORMATS)
-    label_map: dict = field(default_factory=dict)  # string labels -> bool, e.g. {thumbs_up: true, thumbs_down: false}
+    # string labels -> bool, e.g. {thumbs_up: true, thumbs_down: false}; keys stay strings (yes, no, on, off too)
+    label_map: dict[str, bool] = field(default_factory=dict)
     prompt_delimiter: str = "\n\nAssistant:"  # implicit_paired text: the prompt ends with its last shared one
     deduplicate: bool = False  # quarantine exact repeats of (prompt, completion, label) as "duplicate"
-    max_rejected_fraction: float = 0.1  # stop the run when more of the rows than this are rejected
-    kl_block_size: int = 8  # m: each block of m rows is rotated so that no row meets its own prompt
+    max_rejected_fraction: float = ranged(0.1, ge=0, le=1)  # stop the run when more of the rows than this are rejected
+    # m: each block of m rows is rotated so that no row meets its own prompt
+    kl_block_size: int = ranged(8, ge=2, note="a block of 1 would pair a row with its own completion")
     generate_demo: bool = False  # write the project's generated demo set to `path` (and eval.path) if absent
     # Text holding a control token's literal string (<|im_start|>, </s>, <|eot_id|>) is quarantined as
     # control_token_in_text: tokenized, it would become that token. true: keep it (text you templated yourself)
     allow_control_tokens: bool = False
     # A prompt or completion longer than this many characters is quarantined as text_too_long before
     # tokenizing (a runaway field would otherwise cost its tokenizing task that much memory and time)
-    max_text_chars: int = 1_000_000
+    max_text_chars: int = ranged(1_000_000, ge=1)
 
 
 @dataclass
@@ -64,67 +131,70 @@ class ReferenceConfig:
     model: Optional[str] = None  # None: the policy's initial weights
     # float32 keeps step 0 honest (see drift_max_abs)
     dtype: str = one_of("float32", ("float32", "bfloat16", "float16"))
-    num_replicas: int = 1
-    num_cpus_per_replica: float = 1.0
-    num_gpus_per_replica: float = 0.0  # vllm on GPUs: tensor_parallel_size
-    max_tokens_per_batch: int = 4096  # hf: padded tokens per forward, length-grouped
-    tensor_parallel_size: int = 1  # vllm
-    gpu_memory_utilization: float = 0.9  # vllm on GPUs
+    num_replicas: int = ranged(1, ge=1)
+    num_cpus_per_replica: float = ranged(1.0, ge=0)
+    num_gpus_per_replica: float = ranged(0.0, ge=0)  # vllm on GPUs: tensor_parallel_size
+    max_tokens_per_batch: int = ranged(4096, ge=1)  # hf: padded tokens per forward, length-grouped
+    tensor_parallel_size: int = ranged(1, ge=1)  # vllm
+    gpu_memory_utilization: float = ranged(0.9, gt=0, le=1)  # vllm on GPUs
     cache_dir: str = ".cache/reference"
     # Step-0 drift check: on this many rows, the initial policy's own log-probs against the cached
     # reference values; above drift_max_abs nats on any sequence the run stops (0 rows: no check).
-    drift_check_rows: int = 64
-    drift_max_abs: float = 0.05
+    drift_check_rows: int = ranged(64, ge=0, note="0: no check")
+    drift_max_abs: float = ranged(0.05, gt=0, note="nats")
 
 
 @dataclass
 class KTOConfig:
-    beta: float = 0.1
+    beta: float = ranged(0.1, gt=0)
     desirable_weight: Union[float, str] = 1.0  # or "auto": set from the label counts
-    undesirable_weight: float = 1.0
+    undesirable_weight: float = ranged(1.0, gt=0)
     # kto: the paper's (TRL's default) | apo_zero_unpaired: TRL's, no z0 | kto_pairwise: -log sigma of a pair's utilities
     loss_type: str = one_of("kto", LOSS_TYPES)
-    max_length: int = 1024
-    max_prompt_length: int = 512
+    max_length: int = ranged(1024, ge=1)
+    max_prompt_length: int = ranged(512, ge=1)
 
 
 @dataclass
 class TrainingConfig:
-    learning_rate: float = 1e-6
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
+    learning_rate: float = ranged(1e-6, gt=0)
+    per_device_train_batch_size: int = ranged(8, ge=1)
+    gradient_accumulation_steps: int = ranged(1, ge=1)
+    num_train_epochs: float = ranged(1.0, ge=0)
+    max_steps: int = ranged(-1, ge=-1, note="-1 or 0: num_train_epochs decides")  # > 0 overrides num_train_epochs
     lr_scheduler_type: str = one_of("cosine", ("cosine", "linear", "constant"))
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = ranged(0.1, ge=0, lt=1)
+    weight_decay: float = ranged(0.0, ge=0)  # AdamW's decoupled weight decay
+    max_grad_norm: float = ranged(1.0, ge=0, note="0: no clipping")
     # A worker's rows of a step are regrouped by length into forwards of at most this many padded
     # tokens (exact: only padding and peak memory change); 0: one forward a scheduled micro-batch.
-    max_tokens_per_forward: int = 1024
-    seed: int = 42
+    max_tokens_per_forward: int = ranged(1024, ge=0, note="0: one forward a scheduled micro-batch")
+    seed: int = ranged(42, ge=0, le=2**32 - 1)  # (numpy's seeds are 32-bit)
     # random: a seeded permutation each epoch | sequential: the read order
     train_sampling_strategy: str = one_of("random", ("random", "sequential"))
-    save_steps: int = 0  # checkpoint every N optimizer steps; 0: only at the end
-    save_total_limit: int = 0  # keep the newest N checkpoints; 0: keep all
+    save_steps: int = ranged(0, ge=0, note="0: only at the end")  # checkpoint every N optimizer steps
+    save_total_limit: int = ranged(0, ge=0, note="0: keep all")  # keep the newest N checkpoints
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
     # bfloat16 trainers (scaling.strategy deepspeed; gradients still summed in float32); null: on GPUs only
     bf16: Optional[bool] = None
-    logging_steps: int = 1  # TensorBoard / MLflow / W&B get every N-th step (and the last); metrics.jsonl all
+    # TensorBoard / MLflow / W&B get every N-th step (and the last); metrics.jsonl all
+    logging_steps: int = ranged(1, ge=1)
 
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int = ranged(1, ge=1)
     use_gpu: bool = False
-    resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
+    # Ray resources of one worker, e.g. {CPU: 4, GPU: 1}: each a number >= 0
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     # ddp: each worker holds everything | deepspeed: ZeRO partitions it (see deepspeed:)
     strategy: str = one_of("ddp", ("ddp", "deepspeed"))
     # STRICT_SPREAD: one worker a node
     placement_strategy: str = one_of("PACK", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails; -1: no limit
+    # worker-group restarts from the latest checkpoint before the run fails
+    max_failures: int = ranged(0, ge=-1, note="-1: no limit")
     address: Optional[str] = None  # None: an embedded local Ray; "auto" or ray://host:10001: a cluster
-    embedded_num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray; None: workers + 2
+    embedded_num_cpus: Optional[int] = ranged(None, ge=1)  # logical CPUs of the embedded Ray; None: workers + 2
 
 
 @dataclass
@@ -139,12 +209,12 @@ class DeepSpeedConfig:
 class LoraConfig:
     """LoRA through PEFT: only the adapters train; the reference stays the base model, so the
     precomputed reference values stay valid. r = 0: full fine-tuning."""
-    r: int = 0
-    alpha: int = 16
+    r: int = ranged(0, ge=0, note="0: full fine-tuning")
+    alpha: int = ranged(16, ge=1)
     # PEFT's lora_dropout. 0 keeps the model's forwards deterministic like the rest of KTO training
     # (the model's own dropout is off, as in TRL): a step's KL and policy forwards then see one model.
-    dropout: float = 0.0
-    target_modules: Union[list, str] = "all-linear"  # or a list of module names, e.g. [q_proj, v_proj]
+    dropout: float = ranged(0.0, ge=0, lt=1)
+    target_modules: Union[list[str], str] = "all-linear"  # or a list of module names, e.g. [q_proj, v_proj]
     save_merged: bool = False  # also write <run>/merged: the base with the adapters folded in
 
 
@@ -153,24 +223,26 @@ class EvalConfig:
     path: Optional[str] = None  # held-out feedback, scored like the training data
     # Without a path: hold out this share of the training data's prompts (chosen by a hash of the
     # prompt: the same split on every run; every answer to a prompt on one side); 0: no eval set
-    split_fraction: float = 0.0
-    eval_steps: int = 0  # the trainers report eval/ metrics every N steps and at the end; 0: at the end
-    property_regex: Optional[str] = None  # share of greedy generations that match, before / after
-    max_new_tokens: int = 16
-    num_generations: int = 32
+    split_fraction: float = ranged(0.0, ge=0, lt=1, note="the share of prompts held out; 0: none")
+    # the trainers report eval/ metrics every N steps and at the end
+    eval_steps: int = ranged(0, ge=0, note="0: only at the end")
+    # share of greedy generations that match (a Python regular expression), before / after
+    property_regex: Optional[str] = None
+    max_new_tokens: int = ranged(16, ge=1)
+    num_generations: int = ranged(32, ge=0)
 
 
 @dataclass
 class OutputConfig:
     output_dir: str = "runs"
-    run_name: str = "kto"
+    run_name: str = "kto"  # a plain folder name: the run directory is <output_dir>/<run_name>
     # Ray Train checkpoints, reachable from every node: a local path (one machine), NFS, s3://, gs://;
     # None: <run directory>/ray_train. Checkpoints of this run go to <storage_path>/<run_name>.
     storage_path: Optional[str] = None
     resume: bool = True  # a run directory with checkpoints continues from the latest; false: start over
     # Where step metrics also go, from rank 0: tensorboard (<run>/tensorboard), mlflow (MLflow's own
     # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME), wandb (WANDB_PROJECT, WANDB_MODE, ...); []: metrics.jsonl alone
-    report_to: list = one_of(["tensorboard"], REPORTERS)
+    report_to: list[str] = one_of(["tensorboard"], REPORTERS)
 
 
 @dataclass
@@ -178,17 +250,23 @@ class RetrainConfig:
     """`launch.py retrain` / `schedule`: recurring cycles over a folder that new feedback arrives in."""
     feedback_root: str = "data/feedback"  # partitions: each file or folder (e.g. date=2026-11-26/) directly under it
     registry_dir: str = "registry"  # ledger.sqlite, the lock, cycles/, and `current` -> the promoted model
-    min_new_rows: int = 1  # fewer new input rows than this: the cycle records a skip
-    replay_fraction: float = 0.0  # also train on this x new rows sampled from consumed partitions (Parquet)
+    min_new_rows: int = ranged(1, ge=1)  # fewer new input rows than this: the cycle records a skip
+    # also train on this x new rows sampled from consumed partitions (Parquet)
+    replay_fraction: float = ranged(0.0, ge=0, le=10, note="x new rows")
     # base: the configured model, a fixed anchor | start: the model the cycle starts from
     reference: str = one_of("base", ("base", "start"))
-    gate_accuracy_tolerance: float = 0.0  # promote if held-out accuracy >= the promoted model's - this
-    gate_max_kl: float = 10.0  # ... and its drift |mean log pi/pi_ref| on the held-out KL pairs <= this (nats)
-    keep_models: int = 5  # candidate model folders kept (the promoted one always); ledger rows are never deleted
-    lock_stale_after_s: float = 600.0  # a lock whose heartbeat is older than this is taken over
+    # promote if held-out accuracy >= the promoted model's - this
+    gate_accuracy_tolerance: float = ranged(0.0, ge=0, le=1)
+    # ... and its drift |mean log pi/pi_ref| on the held-out KL pairs <= this (nats)
+    gate_max_kl: float = ranged(10.0, gt=0, note="nats")
+    # candidate model folders kept (the promoted one always); ledger rows are never deleted
+    keep_models: int = ranged(5, ge=1)
+    # A lock whose heartbeat is older than this is taken over. The heartbeat is refreshed every
+    # min(10, this / 4) s: a shorter age would let a slow volume hand a live cycle's lock to another.
+    lock_stale_after_s: float = ranged(600.0, ge=30, note="seconds; the heartbeat beats every min(10, this/4) s")
     # A partition is sealed (eligible) once it holds a _SUCCESS marker, or once none of its files has
     # changed for this many seconds
-    settle_s: float = 600.0
+    settle_s: float = ranged(600.0, ge=0, note="seconds")
 
 
 @dataclass
@@ -233,11 +311,12 @@ class Config:
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then each `section.key=value` (the value parsed as YAML)."""
+    """Defaults, then the YAML file, then each `section.key=value` (the value parsed as YAML, by
+    the same ConfigLoader as the file: `--set data.label_map={yes: true, no: false}` keeps its keys)."""
     raw: dict[str, Any] = {}
     if path:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = read_yaml(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -245,7 +324,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
         if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. kto.beta=0.2")
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        raw.setdefault(section, {})[name] = read_yaml(value)
     config = _build(Config, raw, "")
     validate(config)
     return _absolute_paths(config)
@@ -276,7 +355,7 @@ def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[
     raw = {}
     if path:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = read_yaml(f) or {}
     sources = {}
     for section, values in Config().to_dict().items():
         for key in values:
@@ -286,21 +365,31 @@ def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[
     return sources
 
 
-def allowed_values(cls=None, prefix: str = "") -> dict[str, tuple]:
-    """'section.key' -> its choices, for every field declared with `one_of`."""
+def _declared(kind: str, cls=None, prefix: str = "") -> dict[str, Any]:
+    """'section.key' -> the field's metadata[kind], for every field that declares one."""
     out = {}
     for f in dataclasses.fields(cls or Config):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            out.update(allowed_values(type(default), f"{prefix}{f.name}."))
-        elif "choices" in f.metadata:
-            out[f"{prefix}{f.name}"] = f.metadata["choices"]
+            out.update(_declared(kind, type(default), f"{prefix}{f.name}."))
+        elif kind in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata[kind]
     return out
+
+
+def allowed_values() -> dict[str, tuple]:
+    """'section.key' -> its choices, for every field declared with `one_of`."""
+    return _declared("choices")
+
+
+def allowed_ranges() -> dict[str, str]:
+    """'section.key' -> its bounds in words (e.g. "in [0, 1)"), for every field declared with `ranged`."""
+    return {key: str(bounds) for key, bounds in _declared("range").items()}
 
 
 def _build(cls, raw: dict, prefix: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
         raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; known keys here: {', '.join(known)}")
     values = {}
@@ -312,26 +401,62 @@ def _build(cls, raw: dict, prefix: str):
                 raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
             values[name] = _build(type(default), value, f"{prefix}{name}.")
         else:
-            values[name] = _coerce(f"{prefix}{name}", value, default)
+            values[name] = _as_declared(f"{prefix}{name}", value, f.type)
     return cls(**values)
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Accept what YAML gives when it fits the default's type (an int where a float is expected)."""
-    if default is None or value is None or isinstance(value, type(default)):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+def _type_name(annotation) -> str:
+    args = get_args(annotation)
+    if get_origin(annotation) is Union:
+        return " or ".join(_type_name(arm) for arm in args)
+    if get_origin(annotation) is list:
+        return f"a list of {_type_name(args[0])}"
+    if get_origin(annotation) is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return {type(None): "null", bool: "bool (true or false)"}.get(annotation, annotation.__name__)
+
+
+def _fits(value: Any, annotation) -> bool:
+    """Whether YAML's value is of the declared type. A bool is not an int (true would pass as 1);
+    an int is a float."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Union:
+        return any(_fits(value, arm) for arm in args)
+    if get_origin(annotation) is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if get_origin(annotation) is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _as_declared(key: str, value: Any, annotation) -> Any:
+    """The value as its field declares it (an int where a float is declared becomes that float), or
+    a ConfigError naming the key, the value and the type."""
+    if not _fits(value, annotation):
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(annotation)}")
+    float_field = annotation is float or (get_origin(annotation) is Union and float in get_args(annotation))
+    if float_field and isinstance(value, int):
         return float(value)
-    if isinstance(default, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-6 (no dot) as a string; TRL users write it that way
-            return float(value)
-        except ValueError:
-            pass
-    if key == "kto.desirable_weight" and value == "auto":
-        return value
-    if key == "lora.target_modules" and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise ConfigError(f"{key} = {value!r}: expected {type(default).__name__} (default {default!r})")
+    if get_origin(annotation) is dict and get_args(annotation)[1] is float:
+        return {k: float(v) for k, v in value.items()}
+    return value
+
+
+def _sound(value: Any) -> bool:
+    """Numbers are finite (inf and nan pass every `> 0` check) and strings are non-empty, at any depth."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return value != ""
+    if isinstance(value, list):
+        return all(map(_sound, value))
+    if isinstance(value, dict):
+        return all(_sound(k) and _sound(v) for k, v in value.items())
+    return True
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -339,93 +464,78 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
-def _check_choices(section, prefix: str) -> None:
-    """Every field declared with `one_of` holds one of its choices (a list field: only those)."""
+def _check_fields(section, prefix: str) -> None:
+    """Every field of every section: its declared type, finite numbers and non-empty strings, its
+    `one_of` choices (a list field: each item) and its `ranged` bounds."""
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
         if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
-        elif "choices" in f.metadata:
+            _check_fields(value, f"{key}.")
+            continue
+        _as_declared(key, value, f.type)
+        _check(_sound(value), key, value, {float: "a finite number", str: "a non-empty string"}.get(
+            type(value), "no empty string, inf or nan inside"))
+        if "choices" in f.metadata:
             choices = f.metadata["choices"]
-            listed = " | ".join(map(str, choices))
             if isinstance(value, list):
-                _check(all(item in choices for item in value), f"{prefix}{f.name}", value,
-                       f"a list of: {', '.join(choices)} (or [])")
+                _check(all(item in choices for item in value), key, value, f"a list of: {', '.join(choices)} (or [])")
             else:
-                _check(value in choices, f"{prefix}{f.name}", value, listed)
+                _check(value in choices, key, value, " | ".join(map(str, choices)))
+        if "range" in f.metadata and value is not None:
+            _check(value in f.metadata["range"], key, value, str(f.metadata["range"]))
+
+
+def _check_run_name(name: str) -> None:
+    """The run directory is <output_dir>/<run_name>: a name that is a path would put it elsewhere."""
+    _check(name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0")), "output.run_name", name,
+           "a plain folder name (not '.' or '..', no '/' or '\\'): the run directory is <output_dir>/<run_name>")
+
+
+def _check_regex(key: str, pattern: Optional[str]) -> None:
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"{key} = {pattern!r} is not a valid regular expression: {error}") from None
+
+
+def _check_resources(key: str, resources: dict) -> None:
+    """Ray's rule for resource quantities: fractions of a unit only below 1 (0.5 GPU, never 1.5)."""
+    for name, quantity in resources.items():
+        _check(quantity >= 0 and (quantity <= 1 or float(quantity).is_integer()), f"{key}.{name}", quantity,
+               ">= 0, and a whole number above 1 (Ray shares a unit only as fractions below 1)")
 
 
 def validate(c: Config) -> None:
-    """Every check that can run before any data is read."""
-    _check_choices(c, "")
-    _check(all(isinstance(v, bool) for v in c.data.label_map.values()), "data.label_map", c.data.label_map,
-           "each value must be true or false, e.g. {thumbs_up: true, thumbs_down: false}")
-    _check(0 <= c.data.max_rejected_fraction <= 1, "data.max_rejected_fraction", c.data.max_rejected_fraction,
-           "in [0, 1]")
-    _check(bool(c.data.prompt_delimiter), "data.prompt_delimiter", c.data.prompt_delimiter, "a non-empty string")
-    _check(c.data.kl_block_size >= 2, "data.kl_block_size", c.data.kl_block_size,
-           "must be >= 2 (a block of 1 would pair a row with its own completion)")
+    """Every check that can run before any data is read: each field alone, then the relations."""
+    _check_fields(c, "")
+    _check_run_name(c.output.run_name)
+    _check_regex("eval.property_regex", c.eval.property_regex)
+    _check_resources("scaling.resources_per_worker", c.scaling.resources_per_worker)
     r = c.reference
-    _check(r.num_replicas >= 1, "reference.num_replicas", r.num_replicas, ">= 1")
-    _check(r.tensor_parallel_size >= 1, "reference.tensor_parallel_size", r.tensor_parallel_size, ">= 1")
     _check(r.backend != "vllm" or r.num_gpus_per_replica in (0, r.tensor_parallel_size),
            "reference.num_gpus_per_replica", r.num_gpus_per_replica,
            f"0 (CPU) or reference.tensor_parallel_size ({r.tensor_parallel_size}): a vLLM replica owns its GPUs")
-    _check(0 < r.gpu_memory_utilization <= 1, "reference.gpu_memory_utilization", r.gpu_memory_utilization, "in (0, 1]")
-    _check(r.drift_check_rows >= 0, "reference.drift_check_rows", r.drift_check_rows, ">= 0")
-    _check(r.drift_max_abs > 0, "reference.drift_max_abs", r.drift_max_abs, "> 0 (nats)")
-    _check(c.kto.beta > 0, "kto.beta", c.kto.beta, "> 0")
     dw = c.kto.desirable_weight
     _check(dw == "auto" or (isinstance(dw, float) and dw > 0), "kto.desirable_weight", dw, "> 0 or 'auto'")
-    _check(c.kto.undesirable_weight > 0, "kto.undesirable_weight", c.kto.undesirable_weight, "> 0")
-    _check(0 < c.kto.max_prompt_length <= c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
+    _check(c.kto.max_prompt_length <= c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
            f"between 1 and kto.max_length ({c.kto.max_length}); rows whose prompt leaves no completion token "
            "are quarantined")
     t = c.training
-    _check(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "> 0")
-    _check(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size",
-           t.per_device_train_batch_size, ">= 1")
-    _check(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
-           t.gradient_accumulation_steps, ">= 1")
     _check(t.max_steps > 0 or t.num_train_epochs > 0, "training.num_train_epochs", t.num_train_epochs,
            "> 0 (or set training.max_steps)")
-    _check(0 <= t.warmup_ratio < 1, "training.warmup_ratio", t.warmup_ratio, "in [0, 1)")
-    _check(t.max_tokens_per_forward >= 0, "training.max_tokens_per_forward", t.max_tokens_per_forward,
-           ">= 0 (0: one forward a scheduled micro-batch)")
-    _check(t.save_steps >= 0, "training.save_steps", t.save_steps, ">= 0")
-    _check(t.logging_steps >= 1, "training.logging_steps", t.logging_steps, ">= 1")
     _check(c.kto.loss_type != "kto_pairwise" or t.per_device_train_batch_size % 2 == 0,
            "training.per_device_train_batch_size", t.per_device_train_batch_size,
            "even with kto.loss_type kto_pairwise (a micro-batch holds whole pairs)")
-    _check(t.bf16 in (None, True, False), "training.bf16", t.bf16, "true, false or null (null: on GPUs)")
     _check(not t.bf16 or c.scaling.strategy == "deepspeed", "training.bf16", t.bf16,
            "true only with scaling.strategy deepspeed (the ddp strategy trains in float32)")
     lora = c.lora
-    _check(lora.r >= 0, "lora.r", lora.r, ">= 0 (0: full fine-tuning)")
-    _check(lora.alpha > 0, "lora.alpha", lora.alpha, "> 0")
     _check(lora.r == 0 or c.scaling.strategy == "ddp" or c.deepspeed.zero_stage <= 2, "lora.r", lora.r,
            "LoRA runs with scaling.strategy ddp or deepspeed.zero_stage 1 or 2 (the adapters are small: "
            "ZeRO-3's parameter partitioning buys nothing)")
-    _check(0 <= lora.dropout < 1, "lora.dropout", lora.dropout, "in [0, 1)")
-    _check(0 <= c.eval.split_fraction < 1, "eval.split_fraction", c.eval.split_fraction,
-           "in [0, 1) (the share of prompts held out; 0: none)")
+    _check(lora.target_modules != [], "lora.target_modules", lora.target_modules, "'all-linear' or a non-empty list")
     _check(not (c.eval.path and c.eval.split_fraction), "eval.split_fraction", c.eval.split_fraction,
            f"0 when eval.path is set ({c.eval.path!r}): the eval set comes from one source")
-    _check(c.eval.eval_steps >= 0, "eval.eval_steps", c.eval.eval_steps, ">= 0 (0: only at the end)")
-    _check(t.save_total_limit >= 0, "training.save_total_limit", t.save_total_limit, ">= 0 (0: keep all)")
-    sc = c.scaling
-    _check(sc.num_workers >= 1, "scaling.num_workers", sc.num_workers, ">= 1")
-    _check(sc.max_failures >= -1, "scaling.max_failures", sc.max_failures, ">= 0, or -1 for no limit")
     ds = c.deepspeed
     _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
            "true only with deepspeed.zero_stage 3 (stages 1 and 2 keep whole parameters on every worker)")
-    rt = c.retrain
-    _check(rt.min_new_rows >= 1, "retrain.min_new_rows", rt.min_new_rows, ">= 1")
-    _check(0 <= rt.replay_fraction <= 10, "retrain.replay_fraction", rt.replay_fraction, "in [0, 10] (x new rows)")
-    _check(0 <= rt.gate_accuracy_tolerance <= 1, "retrain.gate_accuracy_tolerance", rt.gate_accuracy_tolerance,
-           "in [0, 1]")
-    _check(rt.gate_max_kl > 0, "retrain.gate_max_kl", rt.gate_max_kl, "> 0 (nats)")
-    _check(rt.keep_models >= 1, "retrain.keep_models", rt.keep_models, ">= 1")
-    _check(rt.lock_stale_after_s > 0, "retrain.lock_stale_after_s", rt.lock_stale_after_s, "> 0 (seconds)")
-    _check(bool(c.output.run_name) and "/" not in c.output.run_name, "output.run_name", c.output.run_name,
-           "a non-empty name without '/'")

@@ -48,10 +48,111 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("kto.loss_type=kto_pairwise;training.per_device_train_batch_size=3",
      "training.per_device_train_batch_size = 3 is not allowed: even with kto.loss_type kto_pairwise"),
     ("eval.path=held.parquet;eval.split_fraction=0.1", "0 when eval.path is set ('held.parquet')"),
+    # Issue 16, item 11: types from the annotations (Optional too), bool is not a number, finite floats
+    ("scaling.num_workers=true", "scaling.num_workers = True: expected int"),
+    ("kto.beta=true", "kto.beta = True: expected float"),
+    ("scaling.use_gpu=1", "scaling.use_gpu = 1: expected bool (true or false)"),
+    ("scaling.use_gpu=yes", "scaling.use_gpu = 'yes': expected bool (true or false)"),
+    ("reference.model=5", "reference.model = 5: expected str or null"),
+    ("training.bf16=1", "training.bf16 = 1: expected bool (true or false) or null"),
+    ("data.label_map={1: true}", "data.label_map = {1: True}: expected a mapping of str to bool"),
+    ("kto.beta=.inf", "kto.beta = inf is not allowed: a finite number"),
+    ("kto.beta=inf", "kto.beta = 'inf': expected float"),
+    ("training.learning_rate=.inf", "training.learning_rate = inf is not allowed: a finite number"),
+    ("retrain.gate_max_kl=.nan", "retrain.gate_max_kl = nan is not allowed: a finite number"),
+    ("training.weight_decay=-0.1", "training.weight_decay = -0.1 is not allowed: >= 0"),
+    ("training.max_grad_norm=-1", "training.max_grad_norm = -1.0 is not allowed: >= 0 (0: no clipping)"),
+    ("reference.num_cpus_per_replica=-1", "reference.num_cpus_per_replica = -1.0 is not allowed: >= 0"),
+    ("scaling.embedded_num_cpus=0", "scaling.embedded_num_cpus = 0 is not allowed: >= 1"),
+    ("scaling.resources_per_worker={CPU: 1.5}", "scaling.resources_per_worker.CPU = 1.5 is not allowed"),
+    ("scaling.resources_per_worker={CPU: -1}", "scaling.resources_per_worker.CPU = -1.0 is not allowed"),
+    ("scaling.resources_per_worker={CPU: .inf}", "scaling.resources_per_worker = {'CPU': inf} is not allowed"),
+    ("eval.property_regex=(", "eval.property_regex = '(' is not a valid regular expression: missing ), "
+                              "unterminated subpattern at position 0"),
+    ("retrain.lock_stale_after_s=0.001", "retrain.lock_stale_after_s = 0.001 is not allowed: >= 30"),
+    ("data.max_text_chars=0", "data.max_text_chars = 0 is not allowed: >= 1"),
+    ("retrain.settle_s=-1", "retrain.settle_s = -1.0 is not allowed: >= 0"),
+    ("model.name_or_path=''", "model.name_or_path = '' is not allowed: a non-empty string"),
+    ("lora.target_modules=[]", "lora.target_modules = [] is not allowed"),
+    # Issue 16, item 8: the run directory is <output_dir>/<run_name>, never a path elsewhere
+    ("output.run_name=..", "output.run_name = '..' is not allowed: a plain folder name"),
+    ("output.run_name=.", "output.run_name = '.' is not allowed: a plain folder name"),
+    ("output.run_name=/tmp/x", "output.run_name = '/tmp/x' is not allowed: a plain folder name"),
+    ("output.run_name=a/../../b", "output.run_name = 'a/../../b' is not allowed: a plain folder name"),
+    ("output.run_name=a\\b", "output.run_name = 'a\\\\b' is not allowed: a plain folder name"),
+    ("output.run_name=''", "output.run_name = '' is not allowed: a non-empty string"),
 ])
 def test_invalid_values_name_key_and_value(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, tuple(override.split(";")))  # (one override, or several apart by ";")
+
+
+def _leaf_fields():
+    """(section.key, dataclasses.Field) of every config field."""
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            yield f"{section.name}.{f.name}", f
+
+
+def test_every_field_is_type_checked_and_numbers_are_never_booleans_or_infinite():
+    """The rule set covers every field, not a hand-picked few: a field added tomorrow is checked too."""
+    from typing import Union, get_args, get_origin
+
+    for key, f in _leaf_fields():
+        with pytest.raises(ConfigError, match=re.escape(f"{key} = {{'x': [1]}}: expected ")):
+            load_config(None, (f"{key}={{x: [1]}}",))
+        scalar_types = set(get_args(f.type)) if get_origin(f.type) is Union else {f.type}
+        if {int, float} & scalar_types:
+            with pytest.raises(ConfigError, match=re.escape(f"{key} = True: expected ")):
+                load_config(None, (f"{key}=true",))
+        if float in scalar_types:
+            for value in (".inf", "-.inf", ".nan"):
+                with pytest.raises(ConfigError, match=re.escape(f"{key} = ") + ".*(a finite number|not allowed)"):
+                    load_config(None, (f"{key}={value}",))
+
+
+def test_every_declared_range_is_enforced_and_listed():
+    """Bounds are declared once, on the field: a value just outside is refused with the key, the
+    value and the range in words; allowed_ranges() lists the same words for `config show`."""
+    from pipeline.config import allowed_ranges
+
+    listed = allowed_ranges()
+    ranged = {key: f.metadata["range"] for key, f in _leaf_fields() if "range" in f.metadata}
+    assert set(listed) == set(ranged) and len(ranged) >= 40
+    for key, bounds in ranged.items():
+        step = 1 if "int" in str(dict(_leaf_fields())[key].type) else 0.5
+        outside = [b - step for b in (bounds.ge,) if b is not None] + [b for b in (bounds.gt, bounds.lt) if b is not None]
+        outside += [b + step for b in (bounds.le,) if b is not None]
+        for value in outside:
+            with pytest.raises(ConfigError, match=re.escape(f"{key} = ") + ".* is not allowed: " + re.escape(listed[key])):
+                load_config(None, (f"{key}={value}",))
+    assert listed["retrain.lock_stale_after_s"].startswith(">= 30")
+    assert listed["training.warmup_ratio"] == "in [0, 1)" and listed["kto.beta"] == "> 0"
+
+
+def test_yes_no_on_off_label_keys_stay_the_strings_written_in_the_file_and_in_set(tmp_path):
+    """YAML 1.1 would read them as booleans: {True: True, False: False}, and every yes / no row rejected."""
+    from pipeline.data.formats import parse_label
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  label_map: {yes: true, no: false, on: true, off: false, Y: true, N: false}\n")
+    from_file = load_config(str(path)).data.label_map
+    from_set = load_config(None, ("data.label_map={yes: true, no: false, on: true, off: false, Y: true, N: false}",))
+    assert from_file == from_set.data.label_map == {"yes": True, "no": False, "on": True, "off": False,
+                                                     "Y": True, "N": False}
+    assert [parse_label(label, from_file) for label in ("yes", "no", "on", "off", True, 0, "maybe")] == [
+        (True, ""), (False, ""), (True, ""), (False, ""), (True, ""), (False, ""), (None, "unknown_label")]
+    # YAML 1.2's booleans and numbers still read as such (1e-6 and 2.0e5 included)
+    assert load_config(None, ("scaling.use_gpu=True", "training.learning_rate=2.0e5")).training.learning_rate == 2e5
+
+
+def test_a_config_that_crosses_the_ray_boundary_is_checked_again():
+    with pytest.raises(ConfigError, match=re.escape("scaling.num_workers = True: expected int")):
+        Config.from_dict({**load_config(None).to_dict(), "scaling": {"num_workers": True}})
+    with pytest.raises(ConfigError, match=re.escape("output.run_name = '..' is not allowed")):
+        Config.from_dict({**load_config(None).to_dict(), "output": {"run_name": ".."}})
 
 
 def test_a_plan_that_cannot_get_its_cpus_stops_instead_of_hanging(ray_local):
