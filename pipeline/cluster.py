@@ -2,30 +2,64 @@
 environment every Ray process of the run gets, and the resource checks that turn a plan that
 would wait forever into an error at start-up."""
 
+import logging
 import math
 import os
+from urllib.parse import urlsplit
 
 import ray
 import ray.data
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import QUIET_VARIABLES, ray_log_level
-from pipeline.train.trackers import TRACKERS
+
+
+# The MLflow and W&B variables that travel to every Ray process of a run (rank 0, which reports, may
+# run on another node): where metrics go and how they are grouped, never who sends them. Ray shows a
+# runtime environment on its dashboard and in its logs, so credentials (*_PASSWORD, *_TOKEN,
+# *_API_KEY, *_USERNAME, credential and identity-token files) never travel in it; each node has its
+# own (README: "Credentials on a cluster"). Left out as well: switches that turn TLS verification off
+# (MLFLOW_TRACKING_INSECURE_TLS, WANDB_INSECURE_DISABLE_SSL), which a node should set for itself if
+# it must, paths to certificates that exist on the driver's machine, and run ids and names, which
+# the trainers set themselves (trackers.py).
+TRACKER_VARIABLES = {
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
+    "wandb": ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_RUN_GROUP", "WANDB_TAGS",
+              "WANDB_NOTES", "WANDB_JOB_TYPE", "WANDB_SILENT"),
+}
 
 
 def runtime_env(config: Config) -> dict:
     """Environment of every Ray process of the run: offline, DeepSpeed told it runs on CPUs where
-    it does (else it probes for an accelerator and warns), and the driver's MLFLOW_* / WANDB_*
-    variables for the reporters that output.report_to lists (rank 0 may run on another node)."""
+    it does (else it probes for an accelerator and warns), and the driver's TRACKER_VARIABLES of
+    the reporters that output.report_to lists."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in QUIET_VARIABLES:  # set on the driver unless --verbose (console.quiet_ray)
         if name in os.environ:
             env[name] = os.environ[name]
     if not config.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    prefixes = tuple(f"{name.upper()}_" for name in config.output.report_to if name in TRACKERS)
-    env.update({key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)})
+    env.update(tracker_variables(config.output.report_to))
     return {"env_vars": env}
+
+
+def tracker_variables(report_to: list[str]) -> dict[str, str]:
+    """The driver's TRACKER_VARIABLES for the listed trackers, less any URL that carries a user or
+    password (https://user:password@host, postgresql://user:password@db/mlflow): that one is a
+    secret too, said so on the console, and left for the nodes' own environment to set."""
+    names = [name for tracker in report_to for name in TRACKER_VARIABLES.get(tracker, ())]
+    forwarded = {}
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and "@" in urlsplit(value).netloc:
+            logging.getLogger(__name__).warning(
+                "%s holds a user or password (user:password@host): it is not sent to the Ray runtime environment, "
+                "which the Ray dashboard shows; set it in each node's environment, or keep the URL plain and "
+                "give the credentials to the nodes (README: Credentials on a cluster)", name)
+        elif value is not None:
+            forwarded[name] = value
+    return forwarded
 
 
 def start_ray(config: Config) -> None:

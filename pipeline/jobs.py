@@ -1,22 +1,31 @@
 """`launch.py submit | status | stop`: the whole run as a Ray job, through the Ray Jobs API.
 
 What `ray job submit --working-dir . -- python launch.py train ...` does, with the project's
-defaults: the project folder (without virtual environments, caches and run outputs) travels as
+defaults: the project's own files (an allowlist, staged in a private temporary folder) travel as
 the job's working directory, the project's requirements as its `pip` environment, and the job's
 driver connects to the cluster it runs on (`--address auto`).
 """
 
 import asyncio
+import contextlib
 import os
 import shlex
+import shutil
+import tempfile
 import time
 import tomllib
+from typing import Iterator
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Never uploaded: environments, caches, outputs, generated demo data (the job writes its own).
-EXCLUDES = [".venv", ".cache", "runs", ".git", ".device", "data/demo", "__pycache__", "*.egg-info", ".pytest_cache"]
+# What a job's working directory holds: the files that `launch.py train` runs from, chosen by name.
+# Ray's working_dir upload has only an exclude list, and a denylist lets through whatever it did not
+# foresee (a registry and its ledger.sqlite, feedback folders, .env, a token file), so the allowed
+# files are copied into a private folder and that folder is uploaded. Tests, benchmarks and the
+# Makefile are not needed to run and stay home; data lives where every node reads it, never in a job.
+PROJECT_FILES = ("launch.py", "pyproject.toml", "README.md")
+PROJECT_FOLDERS = {"pipeline": (".py",), "actors": (".py",), "configs": (".yaml", ".yml")}
 FINISHED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
@@ -39,13 +48,42 @@ def entrypoint(config_path: str, overrides: list[str], working_dir: str) -> str:
     return shlex.join(words)
 
 
+def project_files(root: str, config_path: str) -> list[str]:
+    """The files a job gets, relative to `root`: PROJECT_FILES, the files under PROJECT_FOLDERS with
+    their suffixes (regular files only, no dotfiles, no directory symlinks followed: a link could
+    point anywhere), and the run's own config wherever it is inside `root`."""
+    files = [name for name in PROJECT_FILES if _regular_file(os.path.join(root, name))]
+    for folder, suffixes in PROJECT_FOLDERS.items():
+        for parent, _, names in os.walk(os.path.join(root, folder)):  # (os.walk does not follow directory links)
+            files += [os.path.relpath(os.path.join(parent, name), root) for name in names
+                      if name.endswith(suffixes) and not name.startswith(".")
+                      and _regular_file(os.path.join(parent, name))]
+    config = os.path.relpath(os.path.abspath(config_path), root)
+    return sorted(set(files) | {config})
+
+
+def _regular_file(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+@contextlib.contextmanager
+def staged_working_dir(root: str, config_path: str) -> Iterator[str]:
+    """A private temporary folder (0700) holding copies of project_files(root, config_path): the
+    folder that Ray zips and uploads as the job's working directory; removed once submitted."""
+    with tempfile.TemporaryDirectory(prefix="kto-job-") as staging:
+        for relative in project_files(root, config_path):
+            os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
+            shutil.copyfile(os.path.join(root, relative), os.path.join(staging, relative))
+        yield staging
+
+
 def job_runtime_env(working_dir: str, install_requirements: bool = True, extras: list[str] = (),
                     more_requirements: list[str] = ()) -> dict:
-    """The job's runtime environment: the working directory, and as its pip environment the
+    """The job's runtime environment: the (staged) working directory, and as its pip environment the
     project's requirements (those of `extras` too) unless the cluster's image has them, plus
     `more_requirements`. No env_vars here: the job's driver sets the run's own (offline, ...) when
     it joins the cluster, and Ray refuses a job whose runtime_env and driver set the same variable."""
-    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
+    runtime_env = {"working_dir": working_dir}
     requirements = (project_requirements(extras) if install_requirements else []) + list(more_requirements)
     if requirements:
         runtime_env["pip"] = requirements
@@ -57,8 +95,10 @@ def submit(address: str, config_path: str, overrides: list[str], working_dir: st
            more_requirements: list[str] = ()) -> int:
     """Submit `launch.py train` as a job (see job_runtime_env); with `follow`, stream its logs."""
     client = JobSubmissionClient(address)
-    runtime_env = job_runtime_env(working_dir, install_requirements, extras, more_requirements)
-    job_id = _submit_when_ready(client, entrypoint(config_path, overrides, working_dir), runtime_env)
+    command = entrypoint(config_path, overrides, working_dir)
+    with staged_working_dir(working_dir, config_path) as staged:  # uploaded by submit_job itself
+        runtime_env = job_runtime_env(staged, install_requirements, extras, more_requirements)
+        job_id = _submit_when_ready(client, command, runtime_env)
     print(f"submitted job {job_id} to {address}", flush=True)
     print(f"  logs:   python launch.py logs {job_id} --address {address}   (or: ray job logs {job_id})")
     print(f"  status: python launch.py status {job_id} --address {address}")

@@ -234,4 +234,12 @@ def test_the_kuberay_manifest_runs_a_retrain_cycle_with_a_shipped_config():
                                           *job["rayClusterSpec"]["workerGroupSpecs"]]
               for c in group["template"]["spec"]["containers"] for m in c["volumeMounts"]]
     assert mounts == ["/mnt/kto", "/mnt/kto"]  # the registry and the feedback are on every node
+    # Issue 16, item 9: the cluster refuses requests without its token (KubeRay's authOptions), and
+    # credentials reach the containers from a Kubernetes Secret, never as literal values or runtime env.
+    assert job["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    containers = [c for group in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]
+                  for c in group["template"]["spec"]["containers"]]
+    assert all(c["envFrom"] == [{"secretRef": {"name": "kto-tracker-credentials", "optional": True}}]
+               and "env" not in c for c in containers)
+    assert "runtimeEnvYAML" not in job
 
