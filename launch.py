@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.config import ConfigError
     from pipeline.data.formats import DataError
-    from pipeline.train.drift import DriftError
+    from pipeline.fit import DriftError
 
     try:
         return COMMANDS[args.command](args)
@@ -201,7 +201,7 @@ def retrain(args) -> int:
     from ray.train import TrainingFailedError
 
     from pipeline.retrain.cycle import Interrupted, retrain as run_cycle
-    from pipeline.retrain.registry import LockHeld
+    from pipeline.retrain.lock import LockHeld
 
     config = load(args)
     try:
@@ -229,9 +229,11 @@ def schedule(args) -> int:
 
 
 def history(args) -> int:
-    from pipeline.retrain.cycle import history_table, ledger_path, read_history
+    from pipeline.retrain.cycle import ledger_path
+    from pipeline.retrain.history import history_table, read_history
 
-    cycles = read_history(ledger_path(load(args)))
+    config = load(args)
+    cycles = read_history(ledger_path(config), config.retrain.feedback_root)
     print(json.dumps(cycles, indent=2) if args.json else history_table(cycles))
     return Exit.OK
 

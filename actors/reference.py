@@ -5,6 +5,9 @@ Used as a Ray Data callable class on an actor pool (`Dataset.map_batches(Referen
 compute=ActorPoolStrategy(size=N))`); the model or engine loads once per actor. A backend
 turns token ids into summed log-probs: both take the same token ids and return the same
 numbers (to float32 precision), so the trainer cannot tell which engine scored its data.
+
+torch, transformers and vLLM are imported inside the backends, in the actor's process: the
+driver imports this module only to hand the class to Ray Data.
 """
 
 import os
@@ -12,10 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import torch
-
-from pipeline.logprobs import score_sequences
-from pipeline.models import load_causal_lm
 
 
 @dataclass
@@ -43,6 +42,10 @@ class HFBackend:
     """A transformers forward, float32 log-softmax, length-grouped batches under a token budget."""
 
     def __init__(self, model_path: str, pad_token_id: int, options: ScoringOptions):
+        import torch
+
+        from pipeline.models import load_causal_lm
+
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
             torch.backends.cuda.enable_cudnn_sdp(False)  # it plans anew for every batch shape (see train.py)
@@ -52,6 +55,8 @@ class HFBackend:
         self.max_tokens_per_batch = options.max_tokens_per_batch
 
     def score(self, prompt_ids: list, completion_ids: list) -> np.ndarray:
+        from pipeline.logprobs import score_sequences
+
         return score_sequences(self.model, prompt_ids, completion_ids, self.pad_token_id, self.device,
                                self.max_tokens_per_batch).numpy()
 
@@ -62,6 +67,8 @@ class VLLMBackend:
     completion positions are summed. Runs on vLLM's CUDA build or its CPU build alike."""
 
     def __init__(self, model_path: str, pad_token_id: int, options: ScoringOptions):
+        import torch
+
         # In-process engine: starts in seconds inside a Ray actor and exits cleanly.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.abspath(options.cache_root))

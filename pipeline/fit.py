@@ -2,9 +2,12 @@
 TorchTrainer over the workers (pipeline/train/worker.py), and what the driver takes from its last
 checkpoint. Also the deletion of a finished run's checkpoints (retraining cycles)."""
 
+import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import pyarrow.fs as pafs
 import yaml
@@ -13,10 +16,38 @@ from pipeline.config import Config, ConfigError
 from pipeline.console import StepProgress, ray_log_level
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainerState
-from pipeline.train.drift import DriftError
-from pipeline.train.worker import WorkerPlan, train_loop_per_worker
 
 log = logging.getLogger("kto")
+
+
+class DriftError(RuntimeError):
+    """The cached reference log-probs are too far from the trainer's own at step 0 (the workers'
+    check, pipeline/train/drift.py, stops before any update and says by how much)."""
+
+
+@dataclass
+class WorkerPlan:
+    """What the driver's stages decided for the workers, beside the run's Config."""
+    model_path: str  # the policy's initial weights (a local folder)
+    reference_path: str
+    scored_path: str  # the scored training rows (Parquet)
+    eval_scored_path: Optional[str]  # the scored held-out rows, if any
+    schedule_path: str  # (step, slot, row_index) of every global batch
+    pad_token_id: int
+    desirable_weight: float  # kto.desirable_weight, `auto` resolved from the label counts
+    ray_log_level: int = logging.INFO  # Ray Train's console lines (console.ray_log_level: WARNING unless --verbose)
+
+    def loop_config(self, config: Config) -> dict:
+        """Ray Train's train_loop_config: plain values, rebuilt into typed objects on each worker."""
+        return {"config": config.to_dict(), "plan": dataclasses.asdict(self)}
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's worker function, pipeline/train/worker.py. Imported here, in the worker: the
+    driver (and Ray Train's controller) never import torch, transformers or DeepSpeed for it."""
+    from pipeline.train.worker import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
 
 
 def checkpoint_storage(config: Config) -> tuple[pafs.FileSystem, str, str]:
@@ -86,7 +117,7 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
         for name, value in EMBEDDED_RAY_TRAIN.items():  # (Ray Train hands these to its controller)
             os.environ.setdefault(name, value)
     trainer = torch_trainer_class(embedded=not s.address)(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config=plan.loop_config(config),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=s.resources_per_worker,

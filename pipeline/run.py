@@ -13,10 +13,9 @@ import yaml
 from pipeline.config import Config, ConfigError
 from pipeline.console import ray_log_level
 from pipeline.data.pairing import build_schedule
-from pipeline.fit import check_resumable, fit
+from pipeline.fit import WorkerPlan, check_resumable, fit
 from pipeline.stages import precompute, resolve_desirable_weight
 from pipeline.train.trackers import missing_reporters, peak_rss_mib, read_metrics
-from pipeline.train.worker import WorkerPlan
 
 log = logging.getLogger("kto")
 MIN_Z0_BATCH = 8  # below this many rows a step, z0 (their mean KL log-ratio) is mostly noise

@@ -2,7 +2,7 @@
 (pipeline/scoring.py) for the training data and the eval data, each cached under
 reference.cache_dir. `launch.py precompute` and `validate` stop here; `train` goes on (run.py).
 No stage loads a model on the driver: tokenizing, scoring and GGUF conversion run in Ray tasks
-and actors; the driver keeps a tokenizer (for its pad token) and counters."""
+and actors; the driver keeps counters and paths."""
 
 import glob
 import logging
@@ -10,6 +10,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from typing import Optional
+
+import ray
 
 from actors.reference import ScoringOptions
 from pipeline.cache import fingerprint
@@ -42,14 +44,15 @@ def precompute(config: Config) -> Prepared:
     start_ray(config)
     model_path = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
     reference_path = resolve_model_path(config.reference.model or config.model.name_or_path, config.model.cache_dir)
-    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    # The tokenizer loads in a Ray worker (which the data stage's tasks then reuse, transformers
+    # imported), not here: the driver holds no model, and no tokenizer either.
+    pad = ray.remote(pad_token_id).remote(model_path, config.model.trust_remote_code)
     if config.data.generate_demo:
         from pipeline.data.demo import ensure_demo_data
 
         ensure_demo_data(config.data.path, config.eval.path)
-    pad = tokenizer.pad_token_id
     scored_path, counts, folder = _prepare(config, "train", config.data.path, model_path, reference_path, pad)
-    prepared = Prepared(model_path, reference_path, pad, scored_path, counts)
+    prepared = Prepared(model_path, reference_path, ray.get(pad), scored_path, counts)
     if config.eval.path:
         prepared.eval_scored_path, prepared.eval_counts, _ = _prepare(config, "eval", config.eval.path, model_path,
                                                                       reference_path, pad)
@@ -60,6 +63,11 @@ def precompute(config: Config) -> Prepared:
         prepared.eval_counts = {**held_out, "split_fraction": config.eval.split_fraction,
                                 "reference_cache_hit": cache_hit}
     return prepared
+
+
+def pad_token_id(model_path: str, trust_remote_code: bool) -> int:
+    """The id the scorers and trainers pad with (the tokenizer's, or its EOS: padding is masked)."""
+    return load_tokenizer(model_path, trust_remote_code).pad_token_id
 
 
 def validate_data(config: Config, data_path: str) -> dict:
@@ -94,7 +102,7 @@ def resolve_desirable_weight(config: Config, n_desirable: int, n_undesirable: in
 
 
 def _prepare(config: Config, source: str, data_path: str, model_path: str, reference_path: str,
-             pad_token_id: int) -> tuple[str, dict, str]:
+             pad: ray.ObjectRef) -> tuple[str, dict, str]:
     """The data stage for one source (train or eval), then the reference stage on its examples:
     (scored Parquet file, counts, the data stage's cache folder). The rejected rows are copied to
     <run>/rejected/<source>-part-N.parquet."""
@@ -110,14 +118,14 @@ def _prepare(config: Config, source: str, data_path: str, model_path: str, refer
     if advice:
         log.warning(advice)
     scored_path, cache_hit = _score(config, os.path.join(folder, "examples"), counts["longest_sequence"],
-                                    reference_path, pad_token_id)
+                                    reference_path, pad)
     log.info("reference (%s): %d examples %s", source, counts["kept"],
              "from the cache" if cache_hit else f"scored ({config.reference.backend}, {config.reference.dtype})")
     return scored_path, {**counts, "fingerprint": os.path.basename(folder), "reference_cache_hit": cache_hit}, folder
 
 
 def _score(config: Config, examples_dir: str, longest_sequence: int, reference_path: str,
-           pad_token_id: int) -> tuple[str, bool]:
+           pad: ray.ObjectRef) -> tuple[str, bool]:
     """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached)."""
     r, options = config.reference, ScoringOptions.from_config(config)
     scored_path = f"{examples_dir}-scored-" + fingerprint(
@@ -125,7 +133,7 @@ def _score(config: Config, examples_dir: str, longest_sequence: int, reference_p
     cache_hit = os.path.exists(scored_path)
     if not cache_hit:
         score_examples(examples_dir, scored_path, longest_sequence, backend=r.backend,
-                       reference_path=reference_path, pad_token_id=pad_token_id, num_replicas=r.num_replicas,
+                       reference_path=reference_path, pad_token_id=ray.get(pad), num_replicas=r.num_replicas,
                        num_cpus_per_replica=r.num_cpus_per_replica, num_gpus_per_replica=r.num_gpus_per_replica,
                        options=options)
     return scored_path, cache_hit

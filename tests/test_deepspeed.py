@@ -132,7 +132,7 @@ def test_the_drift_check_measures_a_bf16_trainer_against_its_reference(tmp_path,
     reference: r != 0 at step 0 (measured: up to 0.007 nats a sequence on the tiny model), and the
     check, run on the workers in the trainer's own dtype, stops the run above its bound (against a
     bfloat16 reference the same engine finds no gap: the probe above)."""
-    from pipeline.train.drift import DriftError
+    from pipeline.fit import DriftError
 
     settings = {"scaling.strategy": "deepspeed", "deepspeed.zero_stage": 1, "training.bf16": True,
                 "training.max_steps": 1, "output.run_name": "bf16", "reference.drift_max_abs": 1e-3}

@@ -173,19 +173,21 @@ def test_the_driver_holds_no_model(tiny_run, tmp_path_factory):
     config, runs, _, tiny_summary, _ = tiny_run
     big = make_tiny_model(str(tmp_path_factory.mktemp("big-llama")), tokenizer_text(), hidden_size=1024,
                           num_hidden_layers=6)
-    # One step on one worker and one checkpoint (the last: 0.8 GB for this model), a float32 reference
+    # One step on one worker and one checkpoint, of LoRA adapters merged on rank 0 (a full model's
+    # checkpoint with its optimizer state would be 0.8 GB to write and copy), a float32 reference
     # (bfloat16 forwards are slow on CPUs; the drift check on the workers is the tiny run's), no
     # trackers (the tiny run has them): what the driver would have loaded the model for is still
-    # there, the held-out checks before and after training.
+    # there, the held-out checks before and after training and the merge.
     result = launch("train", "--config", config, "--set", f"model.name_or_path={big}", "--set",
                     "output.run_name=big", "--set", "training.max_steps=1", "--set", "training.save_steps=0",
                     "--set", "reference.dtype=float32", "--set", "output.report_to=[]",
-                    "--set", "scaling.num_workers=1")
+                    "--set", "scaling.num_workers=1", "--set", "lora.r=4", "--set", "lora.save_merged=true")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((runs / "big" / "summary.json").read_text())
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(big).hidden_size == 1024 and summary["steps"] == 1
+    assert AutoConfig.from_pretrained(str(runs / "big" / "merged")).hidden_size == 1024
     for check in (summary["eval_before"], summary["eval_after"]):
         assert check["examples"] and check["property_share"] is not None
     small, large = tiny_summary["driver_peak_rss_mib"], summary["driver_peak_rss_mib"]

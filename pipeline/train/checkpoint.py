@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pyarrow.fs as pafs
-import torch
 
 MODEL, MERGED, METRICS, STATE, RNG = "model", "merged", "metrics.jsonl", "trainer_state.json", "rng.pt"
 
@@ -48,6 +47,7 @@ def save(engine, state: TrainerState, history: list[str], metrics: dict, rank: i
     """Every rank writes its part into a folder of its own and reports it with the step's metrics
     (a collective: every rank calls it); rank 0 writes the shared files, trainer_state.json last."""
     import ray.train
+    import torch  # here and in restore: the driver reads checkpoints without importing torch
 
     with tempfile.TemporaryDirectory() as folder:
         engine.export(os.path.join(folder, MODEL), rank)
@@ -93,6 +93,8 @@ def restore(folder: str) -> tuple[TrainerState, list[str]]:
         state = TrainerState(**json.load(f))
     with open(os.path.join(folder, METRICS)) as f:
         history = f.readlines()
+    import torch
+
     torch.set_rng_state(torch.load(os.path.join(folder, RNG), weights_only=True))
     return state, history
 

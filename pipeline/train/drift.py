@@ -21,10 +21,6 @@ from pipeline.train.engines import all_reduce_max, all_reduce_sum, world_size
 from pipeline.train.step import logps_without_grad
 
 
-class DriftError(RuntimeError):
-    """The cached reference log-probs are too far from the trainer's own at step 0."""
-
-
 def skip_reason(config, model_path: str, reference_path: str) -> Optional[str]:
     """Why the check cannot find anything on this run (None: run it)."""
     r = config.reference

@@ -7,13 +7,11 @@ restarted worker group continues with exactly the rows of the first step it had 
 """
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Config
+from pipeline.fit import WorkerPlan
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.train import checkpoint, drift
 from pipeline.train.checkpoint import TrainerState
@@ -28,23 +27,6 @@ from pipeline.train.engines import all_gather_objects, build_engine, deepspeed_s
 from pipeline.train.held_out import HeldOut
 from pipeline.train.step import SCORED_COLUMNS, MicroBatch, StepSettings, train_step
 from pipeline.train.trackers import MetricsLog, peak_rss_mib
-
-
-@dataclass
-class WorkerPlan:
-    """What the driver's stages decided for the workers, beside the run's Config."""
-    model_path: str  # the policy's initial weights (a local folder)
-    reference_path: str
-    scored_path: str  # the scored training rows (Parquet)
-    eval_scored_path: Optional[str]  # the scored held-out rows, if any
-    schedule_path: str  # (step, slot, row_index) of every global batch
-    pad_token_id: int
-    desirable_weight: float  # kto.desirable_weight, `auto` resolved from the label counts
-    ray_log_level: int = logging.INFO  # Ray Train's console lines (console.ray_log_level: WARNING unless --verbose)
-
-    def loop_config(self, config: Config) -> dict:
-        """Ray Train's train_loop_config: plain values, rebuilt into typed objects on each worker."""
-        return {"config": config.to_dict(), "plan": dataclasses.asdict(self)}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
