@@ -78,6 +78,12 @@ def test_the_real_project_uploads_its_code_and_configs_only():
     assert {f.split("/")[0] for f in files} == {"launch.py", "pyproject.toml", "README.md", "pipeline", "actors",
                                                  "configs"}
     assert all(f.endswith((".py", ".yaml", ".toml", ".md")) for f in files)
+    # Nothing the code needs is left behind: every file of the code and config folders but caches travels.
+    for folder in ("pipeline", "actors", "configs"):
+        for parent, dirs, names in os.walk(os.path.join(PROJECT_ROOT, folder)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in names:
+                assert os.path.relpath(os.path.join(parent, name), PROJECT_ROOT) in files, (parent, name)
 
 
 def test_tracker_credentials_never_travel_in_the_runtime_environment(monkeypatch, caplog):
