@@ -49,6 +49,7 @@ ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def read_yaml(text_or_file) -> Any:
+    """A config file or a `--set` value, read by ConfigLoader (a SafeLoader: no tag builds a Python object)."""
     return yaml.load(text_or_file, Loader=ConfigLoader)
 
 
