@@ -501,10 +501,9 @@ def _check_regex(key: str, pattern: Optional[str]) -> None:
 
 
 def _check_resources(key: str, resources: dict) -> None:
-    """Ray's rule for resource quantities: fractions of a unit only below 1 (0.5 GPU, never 1.5)."""
+    """A worker's Ray resources, each named in the message (a mapping's values have no field of their own)."""
     for name, quantity in resources.items():
-        _check(quantity >= 0 and (quantity <= 1 or float(quantity).is_integer()), f"{key}.{name}", quantity,
-               ">= 0, and a whole number above 1 (Ray shares a unit only as fractions below 1)")
+        _check(quantity >= 0, f"{key}.{name}", quantity, ">= 0 (a Ray resource quantity, e.g. {CPU: 4, GPU: 1})")
 
 
 def validate(c: Config) -> None:

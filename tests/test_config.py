@@ -64,8 +64,9 @@ def test_defaults_file_and_overrides_combine(tmp_path):
     ("training.max_grad_norm=-1", "training.max_grad_norm = -1.0 is not allowed: >= 0 (0: no clipping)"),
     ("reference.num_cpus_per_replica=-1", "reference.num_cpus_per_replica = -1.0 is not allowed: >= 0"),
     ("scaling.embedded_num_cpus=0", "scaling.embedded_num_cpus = 0 is not allowed: >= 1"),
-    ("scaling.resources_per_worker={CPU: 1.5}", "scaling.resources_per_worker.CPU = 1.5 is not allowed"),
-    ("scaling.resources_per_worker={CPU: -1}", "scaling.resources_per_worker.CPU = -1.0 is not allowed"),
+    ("scaling.resources_per_worker={CPU: 4, GPU: -1}", "scaling.resources_per_worker.GPU = -1.0 is not allowed: >= 0"),
+    ("scaling.resources_per_worker={CPU: 1, GPU: true}", "scaling.resources_per_worker = {'CPU': 1, 'GPU': True}: "
+                                                         "expected a mapping of str to float"),
     ("scaling.resources_per_worker={CPU: .inf}", "scaling.resources_per_worker = {'CPU': inf} is not allowed"),
     ("eval.property_regex=(", "eval.property_regex = '(' is not a valid regular expression: missing ), "
                               "unterminated subpattern at position 0"),
