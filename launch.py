@@ -174,14 +174,15 @@ def validate(args) -> int:
 
 
 def config_show(args) -> int:
-    from pipeline.config import allowed_values, load_config, value_sources
+    from pipeline.config import allowed_ranges, allowed_values, load_config, value_sources
 
     config = load_config(args.config, overrides(args))
-    sources, choices = value_sources(args.config, overrides(args)), allowed_values()
+    sources, choices, ranges = value_sources(args.config, overrides(args)), allowed_values(), allowed_ranges()
     for section, values in config.to_dict().items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            allowed = f"; one of: {' | '.join(map(str, choices[name]))}" if name in choices else ""
+            allowed = (f"; one of: {' | '.join(map(str, choices[name]))}" if name in choices
+                       else f"; {ranges[name]}" if name in ranges else "")
             print(f"{name} = {json.dumps(value)}  # {sources[name]}{allowed}")
     return Exit.OK
 
