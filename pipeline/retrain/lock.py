@@ -5,28 +5,28 @@ registry on a network volume (NFS; a Kubernetes CronJob's pods).
     <registry_dir>/retrain.lock.guard  never deleted: an fcntl lock on it, held for milliseconds, guards the lease
 
 Why it is built this way:
-- Takeover is one atomic decision. Taking the lock, the heartbeat and the release read and write
-  the lease only while holding the guard, so of many processes that find one stale lease, the first
-  replaces it and the others then find a fresh lease and refuse. The guard is a POSIX (fcntl)
-  record lock, which the kernel, or the NFS server (lockd; NFSv4 leases), drops when its process or
-  client dies, so the guard itself never goes stale. SQLite locks the ledger with the same locks:
-  on a volume where they work the ledger is safe and so is this lock; where they do not, neither is.
-- The lease is not itself an fcntl lock held for the whole cycle, so that an owner that hangs
-  (alive, no heartbeat) is taken over after retrain.lock_stale_after_s, like one that died.
-- One clock. A lease's age is the file system's "now" (the guard's mtime, touched under the guard)
-  minus the lease's mtime, and the file system stamps both: a utime without explicit times sets the
-  server's time on NFS. No host's clock is compared with another's. (A volume that stamps client
+- Takeover is one atomic decision: taking the lock, the heartbeat and the release read and write the
+  lease only while holding the guard, so of many processes that find one stale lease the first
+  replaces it, and the others find a fresh lease and refuse. The guard is a POSIX (fcntl) lock, which
+  the kernel, or the NFS server (lockd; NFSv4 leases), drops when its process or client dies: it never
+  goes stale. SQLite locks the ledger with the same locks, so where they work both are safe.
+- The lease is not itself an fcntl lock held for the whole cycle, so that an owner that hangs (alive,
+  no heartbeat) is taken over after retrain.lock_stale_after_s, like one that died.
+- One clock: a lease's age is the file system's "now" (the guard's mtime, touched under the guard)
+  minus the lease's mtime. The file system stamps both (a utime without explicit times sets the
+  server's time on NFS); no host's clock is compared with another's. (A volume that stamps client
   times, such as some FUSE object-store mounts, needs a stale age well above the hosts' clock skew.)
-- An owner token per acquisition: the heartbeat refreshes, and the release deletes, only a lease
-  holding its own token, so a process that lost its lock never touches its successor's.
+- An owner token per acquisition: the heartbeat refreshes, and the release deletes, only a lease that
+  holds its token, so a process that lost its lock never touches its successor's.
 - A lease without an owner record (empty: a crash between creating and writing it; or garbage) is
   judged by age alone, and a refusal says what the file holds. An owner on this machine (same host,
   boot and pid namespace) whose process is gone is taken over at once.
-- The heartbeat cannot die silently. Each failure is logged as an error; the lock is *lost* when the
-  lease holds another token or is gone, or when no refresh has succeeded for stale_after_s (another
-  cycle may have taken over). A loss is logged at once, `check()` then raises LockLost (call it
-  before a step that must run under the lock), and leaving the `with` block raises LockLost
-  unless another exception is already on its way out.
+- The heartbeat cannot die silently: each failure is logged as an error, and the lock is *lost* when
+  the lease holds another token or is gone, or when by the next beat no refresh will have succeeded
+  for stale_after_s (another cycle may then take it over). A loss is logged at once; `check()` then
+  raises LockLost (cycle.py calls it before its ledger commit), and so does leaving the `with`
+  block, unless another exception is already on its way out. check() also judges the silence
+  itself, so a heartbeat stuck in a call (a hard-mounted NFS server gone) cannot hide a loss.
 """
 
 import contextlib
@@ -67,6 +67,8 @@ class RetrainLock:
         self.lost: str | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._period = min(10.0, stale_after_s / 4)  # between heartbeats
+        self._last_refresh = 0.0  # time.monotonic() of the last heartbeat
 
     def __enter__(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -75,6 +77,7 @@ class RetrainLock:
             if lease is not None:
                 self._take_over_if_stale(lease, age)
             self._write_lease()
+        self._last_refresh = time.monotonic()
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat of {self.path}", daemon=True)
         self._heartbeat.start()
         return self
@@ -91,11 +94,16 @@ class RetrainLock:
                     self._lose(f"at release the lock file {self._holds(lease)}")
         except (OSError, LockHeld) as error:
             self._lose(f"could not release it: {error}")
-        if self.lost and exc_type is None:
+        if exc_type is None:
             self.check()
         return False
 
     def check(self) -> None:
+        """Raise LockLost once the lock is lost: call it before a step that must run under the lock. It
+        also judges the heartbeat's silence itself, for a heartbeat stuck in a call (a hung NFS server)."""
+        silent = time.monotonic() - self._last_refresh
+        if not self.lost and silent + self._period >= self.stale_after_s:
+            self._lose(f"no heartbeat for {silent:.0f} s (the heartbeat is stuck)")
         if self.lost:
             raise LockLost(f"the retrain lock {self.path} was lost: {self.lost}. Another cycle may have run at the "
                            "same time as this one; see `launch.py history`")
@@ -112,32 +120,29 @@ class RetrainLock:
         elif age >= self.stale_after_s:
             why = f"no heartbeat for {age:.0f} s"
         else:
-            since = lease.get("since")
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
             raise LockHeld(
-                f"another retrain cycle is running: pid {lease['pid']} on {lease['host']}, since {since}, heartbeat "
-                f"{age:.0f} s ago (lock file {self.path}). Cycles run one at a time; this one exits without doing "
-                f"anything. A lock whose heartbeat is older than {limit}, or whose process on this host has died, "
-                "is taken over")
+                f"another retrain cycle is running: pid {lease['pid']} on {lease['host']}, since "
+                f"{_local_time(lease.get('since'))}, heartbeat {age:.0f} s ago (lock file {self.path}). Cycles run "
+                f"one at a time; this one exits without doing anything. A lock whose heartbeat is older than {limit}, "
+                "or whose process on this host has died, is taken over")
         self.recovered = {"host": lease.get("host"), "pid": lease.get("pid"), "since": lease.get("since"),
                           "heartbeat_age_s": round(age, 1), "why": why}
 
     def _beat(self) -> None:
         """Refresh the lease's mtime while it holds our token; every failure is logged, a loss is final."""
-        last_refresh = time.monotonic()
-        while not self._stop.wait(min(10.0, self.stale_after_s / 4)):
+        while not self._stop.wait(self._period):
             try:
                 with self._guard() as now:
                     lease, _ = self._read_lease(now)
                     if lease is None or lease.get("token") != self.token:
                         return self._lose(f"the lock file {self._holds(lease)}")
                     os.utime(self.path)
-                last_refresh = time.monotonic()
+                self._last_refresh = time.monotonic()
             except Exception as error:  # any error: the holder must hear of it
-                silent = time.monotonic() - last_refresh
+                silent = time.monotonic() - self._last_refresh
                 log.error("could not refresh the retrain lock %s (%s: %s); no heartbeat for %.1f s, it can be taken "
                           "over after %g s", self.path, type(error).__name__, error, silent, self.stale_after_s)
-                if silent >= self.stale_after_s:
+                if silent + self._period >= self.stale_after_s:  # by the next beat, another cycle may take it over
                     return self._lose(f"no heartbeat could be written for {silent:.0f} s (last error: {error})")
 
     def _lose(self, why: str) -> None:
@@ -202,6 +207,13 @@ def _owner_record(raw: bytes) -> dict:
     if isinstance(owner, dict) and type(owner.get("pid")) is int and owner["pid"] > 0 and "host" in owner:
         return owner
     return {"problem": f"holds no owner record (it starts {raw[:40]!r})"}
+
+
+def _local_time(since) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    except (TypeError, ValueError, OverflowError, OSError):  # a record this module did not write
+        return "?"
 
 
 def _this_machine() -> str:
