@@ -3,96 +3,22 @@
 Field names follow TRL's KTOConfig where TRL has one (beta, desirable_weight, max_length,
 per_device_train_batch_size, ...) so that TRL users recognise them.
 
-Every field is checked at start-up, by one rule set: its type from the annotation (Optional[...]
-allows null; a bool is not an int; an int is taken where a float is declared; floats are finite;
-strings are non-empty), its `one_of` choices or its `ranged` bounds, declared on the field beside
-its default (so that `launch.py config show` lists them), then the rules that relate two fields.
+Every field is checked at start-up: alone, by the one rule set of pipeline/config_fields.py (its
+annotated type, its `one_of` choices or `ranged` bounds declared here beside its default), then by
+`validate`'s rules that relate two fields.
 """
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Optional, Union
 
-import yaml
-
+from pipeline.config_fields import ConfigError, build, check, check_fields, declared, one_of, ranged, read_yaml
 from pipeline.data.formats import FORMATS
 from pipeline.train.trackers import REPORTERS
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired", "kto_pairwise")  # pipeline/train/loss.py
-
-
-class ConfigError(ValueError):
-    """A config value that cannot run; the message names the key, the value and what is allowed."""
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """YAML as the config reads it: PyYAML's safe loader with YAML 1.2's booleans and floats.
-
-    YAML 1.1 (PyYAML's default) reads yes / no / on / off as booleans, so a label map written
-    `{yes: true, no: false}` became {True: True, False: False} and every "yes" / "no" row was
-    rejected. Here only true / false (any case style YAML 1.2 allows) are booleans; yes, no, on and
-    off stay the strings the user wrote, in the file and in `--set` alike. YAML 1.1 also reads
-    1e-6 (no dot) and 2.0e5 (no exponent sign) as strings; here they are the numbers they mean."""
-
-
-ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                   list("tTfF"))
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                   re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                                   list("-+0123456789."))
-
-
-def read_yaml(text_or_file) -> Any:
-    """A config file or a `--set` value, read by ConfigLoader (a SafeLoader: no tag builds a Python object)."""
-    return yaml.load(text_or_file, Loader=ConfigLoader)
-
-
-def one_of(default: Any, choices: tuple) -> Any:
-    """A field whose value must be one of `choices` (a list field: each of its items); the choices
-    are checked by `validate` and listed by `launch.py config show`."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"choices": choices})
-    return field(default=default, metadata={"choices": choices})
-
-
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
-
-
-@dataclass(frozen=True)
-class Range:
-    """Bounds of a number field (ge: >=, gt: >, le: <=, lt: <), and what a special value means."""
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
-    note: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
-
-    def __str__(self) -> str:
-        low = f"[{_number(self.ge)}" if self.ge is not None else f"({_number(self.gt)}" if self.gt is not None else ""
-        high = f"{_number(self.le)}]" if self.le is not None else f"{_number(self.lt)})" if self.lt is not None else ""
-        if low and high:
-            text = f"in {low}, {high}"
-        else:
-            text = " ".join(f"{sign} {_number(bound)}" for sign, bound in
-                            ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if bound is not None)
-        return f"{text} ({self.note})" if self.note else text
-
-
-def ranged(default: Any, *, ge=None, gt=None, le=None, lt=None, note: str = "") -> Any:
-    """A number field whose value must lie within bounds (null, where the type allows it, is not
-    bounded); the bounds are checked by `validate` and listed by `launch.py config show`."""
-    return field(default=default, metadata={"range": Range(ge, gt, le, lt, note)})
 
 
 @dataclass
@@ -306,7 +232,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
         """The config that to_dict() wrote (how it crosses the Ray boundary), validated again."""
-        config = _build(cls, values, "")
+        config = build(cls, values, "")
         validate(config)
         return config
 
@@ -326,7 +252,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. kto.beta=0.2")
         section, name = key.split(".", 1)
         raw.setdefault(section, {})[name] = read_yaml(value)
-    config = _build(Config, raw, "")
+    config = build(Config, raw, "")
     validate(config)
     return _absolute_paths(config)
 
@@ -366,129 +292,19 @@ def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[
     return sources
 
 
-def _declared(kind: str, cls=None, prefix: str = "") -> dict[str, Any]:
-    """'section.key' -> the field's metadata[kind], for every field that declares one."""
-    out = {}
-    for f in dataclasses.fields(cls or Config):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            out.update(_declared(kind, type(default), f"{prefix}{f.name}."))
-        elif kind in f.metadata:
-            out[f"{prefix}{f.name}"] = f.metadata[kind]
-    return out
-
-
 def allowed_values() -> dict[str, tuple]:
     """'section.key' -> its choices, for every field declared with `one_of`."""
-    return _declared("choices")
+    return declared("choices", Config)
 
 
 def allowed_ranges() -> dict[str, str]:
     """'section.key' -> its bounds in words (e.g. "in [0, 1)"), for every field declared with `ranged`."""
-    return {key: str(bounds) for key, bounds in _declared("range").items()}
-
-
-def _build(cls, raw: dict, prefix: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known), key=str)
-    if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; known keys here: {', '.join(known)}")
-    values = {}
-    for name, value in raw.items():
-        f = known[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
-            values[name] = _build(type(default), value, f"{prefix}{name}.")
-        else:
-            values[name] = _as_declared(f"{prefix}{name}", value, f.type)
-    return cls(**values)
-
-
-def _type_name(annotation) -> str:
-    args = get_args(annotation)
-    if get_origin(annotation) is Union:
-        return " or ".join(_type_name(arm) for arm in args)
-    if get_origin(annotation) is list:
-        return f"a list of {_type_name(args[0])}"
-    if get_origin(annotation) is dict:
-        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    return {type(None): "null", bool: "bool (true or false)"}.get(annotation, annotation.__name__)
-
-
-def _fits(value: Any, annotation) -> bool:
-    """Whether YAML's value is of the declared type. A bool is not an int (true would pass as 1);
-    an int is a float."""
-    args = get_args(annotation)
-    if get_origin(annotation) is Union:
-        return any(_fits(value, arm) for arm in args)
-    if get_origin(annotation) is list:
-        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
-    if get_origin(annotation) is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def _as_declared(key: str, value: Any, annotation) -> Any:
-    """The value as its field declares it (an int where a float is declared becomes that float), or
-    a ConfigError naming the key, the value and the type."""
-    if not _fits(value, annotation):
-        raise ConfigError(f"{key} = {value!r}: expected {_type_name(annotation)}")
-    float_field = annotation is float or (get_origin(annotation) is Union and float in get_args(annotation))
-    if float_field and isinstance(value, int):
-        return float(value)
-    if get_origin(annotation) is dict and get_args(annotation)[1] is float:
-        return {k: float(v) for k, v in value.items()}
-    return value
-
-
-def _sound(value: Any) -> bool:
-    """Numbers are finite (inf and nan pass every `> 0` check) and strings are non-empty, at any depth."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, str):
-        return value != ""
-    if isinstance(value, list):
-        return all(map(_sound, value))
-    if isinstance(value, dict):
-        return all(_sound(k) and _sound(v) for k, v in value.items())
-    return True
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
-
-
-def _check_fields(section, prefix: str) -> None:
-    """Every field of every section: its declared type, finite numbers and non-empty strings, its
-    `one_of` choices (a list field: each item) and its `ranged` bounds."""
-    for f in dataclasses.fields(section):
-        key, value = f"{prefix}{f.name}", getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_fields(value, f"{key}.")
-            continue
-        _as_declared(key, value, f.type)
-        _check(_sound(value), key, value, {float: "a finite number", str: "a non-empty string"}.get(
-            type(value), "no empty string, inf or nan inside"))
-        if "choices" in f.metadata:
-            choices = f.metadata["choices"]
-            if isinstance(value, list):
-                _check(all(item in choices for item in value), key, value, f"a list of: {', '.join(choices)} (or [])")
-            else:
-                _check(value in choices, key, value, " | ".join(map(str, choices)))
-        if "range" in f.metadata and value is not None:
-            _check(value in f.metadata["range"], key, value, str(f.metadata["range"]))
+    return {key: str(bounds) for key, bounds in declared("range", Config).items()}
 
 
 def _check_run_name(name: str) -> None:
     """The run directory is <output_dir>/<run_name>: a name that is a path would put it elsewhere."""
-    _check(name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0")), "output.run_name", name,
+    check(name not in (".", "..") and not any(sep in name for sep in ("/", "\\", "\0")), "output.run_name", name,
            "a plain folder name (not '.' or '..', no '/' or '\\'): the run directory is <output_dir>/<run_name>")
 
 
@@ -503,39 +319,39 @@ def _check_regex(key: str, pattern: Optional[str]) -> None:
 def _check_resources(key: str, resources: dict) -> None:
     """A worker's Ray resources, each named in the message (a mapping's values have no field of their own)."""
     for name, quantity in resources.items():
-        _check(quantity >= 0, f"{key}.{name}", quantity, ">= 0 (a Ray resource quantity, e.g. {CPU: 4, GPU: 1})")
+        check(quantity >= 0, f"{key}.{name}", quantity, ">= 0 (a Ray resource quantity, e.g. {CPU: 4, GPU: 1})")
 
 
 def validate(c: Config) -> None:
     """Every check that can run before any data is read: each field alone, then the relations."""
-    _check_fields(c, "")
+    check_fields(c, "")
     _check_run_name(c.output.run_name)
     _check_regex("eval.property_regex", c.eval.property_regex)
     _check_resources("scaling.resources_per_worker", c.scaling.resources_per_worker)
     r = c.reference
-    _check(r.backend != "vllm" or r.num_gpus_per_replica in (0, r.tensor_parallel_size),
+    check(r.backend != "vllm" or r.num_gpus_per_replica in (0, r.tensor_parallel_size),
            "reference.num_gpus_per_replica", r.num_gpus_per_replica,
            f"0 (CPU) or reference.tensor_parallel_size ({r.tensor_parallel_size}): a vLLM replica owns its GPUs")
     dw = c.kto.desirable_weight
-    _check(dw == "auto" or (isinstance(dw, float) and dw > 0), "kto.desirable_weight", dw, "> 0 or 'auto'")
-    _check(c.kto.max_prompt_length <= c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
+    check(dw == "auto" or (isinstance(dw, float) and dw > 0), "kto.desirable_weight", dw, "> 0 or 'auto'")
+    check(c.kto.max_prompt_length <= c.kto.max_length, "kto.max_prompt_length", c.kto.max_prompt_length,
            f"between 1 and kto.max_length ({c.kto.max_length}); rows whose prompt leaves no completion token "
            "are quarantined")
     t = c.training
-    _check(t.max_steps > 0 or t.num_train_epochs > 0, "training.num_train_epochs", t.num_train_epochs,
+    check(t.max_steps > 0 or t.num_train_epochs > 0, "training.num_train_epochs", t.num_train_epochs,
            "> 0 (or set training.max_steps)")
-    _check(c.kto.loss_type != "kto_pairwise" or t.per_device_train_batch_size % 2 == 0,
+    check(c.kto.loss_type != "kto_pairwise" or t.per_device_train_batch_size % 2 == 0,
            "training.per_device_train_batch_size", t.per_device_train_batch_size,
            "even with kto.loss_type kto_pairwise (a micro-batch holds whole pairs)")
-    _check(not t.bf16 or c.scaling.strategy == "deepspeed", "training.bf16", t.bf16,
+    check(not t.bf16 or c.scaling.strategy == "deepspeed", "training.bf16", t.bf16,
            "true only with scaling.strategy deepspeed (the ddp strategy trains in float32)")
     lora = c.lora
-    _check(lora.r == 0 or c.scaling.strategy == "ddp" or c.deepspeed.zero_stage <= 2, "lora.r", lora.r,
+    check(lora.r == 0 or c.scaling.strategy == "ddp" or c.deepspeed.zero_stage <= 2, "lora.r", lora.r,
            "LoRA runs with scaling.strategy ddp or deepspeed.zero_stage 1 or 2 (the adapters are small: "
            "ZeRO-3's parameter partitioning buys nothing)")
-    _check(lora.target_modules != [], "lora.target_modules", lora.target_modules, "'all-linear' or a non-empty list")
-    _check(not (c.eval.path and c.eval.split_fraction), "eval.split_fraction", c.eval.split_fraction,
+    check(lora.target_modules != [], "lora.target_modules", lora.target_modules, "'all-linear' or a non-empty list")
+    check(not (c.eval.path and c.eval.split_fraction), "eval.split_fraction", c.eval.split_fraction,
            f"0 when eval.path is set ({c.eval.path!r}): the eval set comes from one source")
     ds = c.deepspeed
-    _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
+    check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
            "true only with deepspeed.zero_stage 3 (stages 1 and 2 keep whole parameters on every worker)")
