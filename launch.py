@@ -101,7 +101,7 @@ class Exit(enum.IntEnum):
     NOT_TRAINABLE = 1  # validate: the data cannot train; submit --follow / logs --follow: the job did not succeed
     BAD_INPUT = 2  # a config, data, drift or job-command error; the message on stderr says what to change
     TRAINING_FAILED = 3  # train / retrain: a worker kept failing after scaling.max_failures restarts
-    LOCK_HELD = 75  # retrain: another cycle holds the registry's lock (EX_TEMPFAIL: try again later)
+    LOCK_HELD = 75  # retrain: another cycle holds the registry's lock, or took it over from this one (EX_TEMPFAIL)
     STOPPED = 143  # retrain: stopped by SIGTERM (128 + 15); the cycle is recorded as failed
 
 
@@ -202,13 +202,17 @@ def retrain(args) -> int:
     from ray.train import TrainingFailedError
 
     from pipeline.retrain.cycle import Interrupted, retrain as run_cycle
-    from pipeline.retrain.lock import LockHeld
+    from pipeline.retrain.lock import LockHeld, LockLost
 
     config = load(args)
     try:
         cycle = run_cycle(config)
     except LockHeld as error:
         print(f"error: {error}", file=sys.stderr)
+        return Exit.LOCK_HELD
+    except LockLost as error:
+        print(f"error: {error}. The cycle is recorded as failed unless its decision was already committed "
+              "(see `launch.py history`)", file=sys.stderr)
         return Exit.LOCK_HELD
     except TrainingFailedError as error:
         print(f"error: the cycle's training failed (scaling.max_failures = {config.scaling.max_failures} restarts "
