@@ -3,9 +3,14 @@ TorchTrainer over the workers (pipeline/train/worker.py), and what the driver ta
 checkpoint. Also the deletion of a finished run's checkpoints (retraining cycles)."""
 
 import dataclasses
+import getpass
+import hashlib
+import json
 import logging
 import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,27 +66,28 @@ def checkpoint_storage(config: Config) -> tuple[pafs.FileSystem, str, str]:
 
 
 def check_resumable(config: Config) -> bool:
-    """True when the run continues from its checkpoints: same run name, storage and training config.
-    A changed config would silently mix two runs, so it stops with the first difference."""
+    """True when the run continues from its checkpoints: same run, run name, storage and training
+    config. A changed config would silently mix two runs, so it stops with the first difference.
+    The storage folder is claimed for this run first (its owner record, below): another run's
+    checkpoints are never resumed, delivered or deleted."""
     filesystem, folder, _ = checkpoint_storage(config)
-    if filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
-        return False
+    me = run_identity(config)
+    claim_storage(config, filesystem, folder, me)
     entries = filesystem.get_file_info(pafs.FileSelector(folder))
     if not any(e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") for e in entries):
         return False  # an earlier attempt stopped before its first checkpoint: nothing to continue
     if not config.output.resume:
         log.info("output.resume is false: deleting the checkpoints of the previous run in %s", folder)
         filesystem.delete_dir(folder)
+        claim_storage(config, filesystem, folder, me)
         return False
     saved_path = os.path.join(config.run_dir, "config.yaml")
     if os.path.exists(saved_path):
         with open(saved_path) as f:
             saved = yaml.safe_load(f)
-        # What may change between attempts: where the driver connects, how often a run may fail.
-        free = {("scaling", "address"), ("scaling", "max_failures"), ("output", "resume")}
         for section, values in config.to_dict().items():
             for key, value in values.items():
-                if (section, key) not in free and saved.get(section, {}).get(key) != value:
+                if (section, key) not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value:
                     raise ConfigError(
                         f"run '{config.output.run_name}' has checkpoints in {folder} from a run with "
                         f"{section}.{key} = {saved.get(section, {}).get(key)!r}, now {value!r}: resuming would mix two "
@@ -92,10 +98,76 @@ def check_resumable(config: Config) -> bool:
 
 def delete_checkpoints(config: Config) -> None:
     """A finished run's Ray Train checkpoints (optimizer states included), once its run directory
-    holds the result."""
+    holds the result; refused (ConfigError) when another run owns the folder."""
     filesystem, folder, _ = checkpoint_storage(config)
     if filesystem.get_file_info(folder).type != pafs.FileType.NotFound:
+        check_owner(config, filesystem, folder, run_identity(config))
         filesystem.delete_dir(folder)
+
+
+# What may change between attempts of one run: where the driver connects, how often a run may fail.
+RESUMABLE_CHANGES = {("scaling", "address"), ("scaling", "max_failures"), ("output", "resume")}
+OWNER, RUN_ID = "OWNER.json", "run_id"
+
+
+def run_identity(config: Config) -> dict:
+    """Who this run is: the id in its run directory (made on its first start), the run directory,
+    and a hash of its training config; with the host and user, for the messages."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    path = os.path.join(config.run_dir, RUN_ID)
+    if not os.path.exists(path):
+        with open(path, "x") as f:
+            f.write(uuid.uuid4().hex)
+    with open(path) as f:
+        run_id = f.read().strip()
+    training = {f"{section}.{key}": value for section, values in config.to_dict().items()
+                for key, value in values.items() if (section, key) not in RESUMABLE_CHANGES}
+    config_hash = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"run_id": run_id, "run_dir": config.run_dir, "config_hash": config_hash,
+            "host": socket.gethostname(), "user": getpass.getuser()}
+
+
+def claim_storage(config: Config, filesystem: pafs.FileSystem, folder: str, me: dict) -> None:
+    """Write this run's owner record into its checkpoint folder (pyarrow.fs: local, NFS, s3://, gs://),
+    or check the one there (check_owner). Read back after writing: of two runs that claim one folder
+    in the same moment, the one whose record was overwritten stops here."""
+    if filesystem.get_file_info(f"{folder}/{OWNER}").type == pafs.FileType.NotFound:
+        check_owner(config, filesystem, folder, me)  # (ownerless checkpoints of an older version)
+        filesystem.create_dir(folder, recursive=True)
+        with filesystem.open_output_stream(f"{folder}/{OWNER}") as f:
+            f.write(json.dumps(me, indent=2).encode())
+    check_owner(config, filesystem, folder, me)
+
+
+def check_owner(config: Config, filesystem: pafs.FileSystem, folder: str, me: dict) -> None:
+    """Refuse (ConfigError, naming both runs) a checkpoint folder whose owner record names another
+    run: another run directory (another registry, another user's output_dir) or, in the same
+    path, another run id (a run directory made afresh, on this host or another). A folder without a
+    record but with checkpoints (an older version's) is this run's only if its run directory has
+    run before (its config.yaml)."""
+    try:
+        with filesystem.open_input_stream(f"{folder}/{OWNER}") as f:
+            owner = json.loads(f.read())
+    except FileNotFoundError:
+        entries = (filesystem.get_file_info(pafs.FileSelector(folder))
+                   if filesystem.get_file_info(folder).type == pafs.FileType.Directory else [])
+        if any(e.base_name.startswith("checkpoint_") for e in entries) and not os.path.exists(
+                os.path.join(config.run_dir, "config.yaml")):
+            raise ConfigError(f"{folder} holds checkpoints without an owner record (written by an older version) "
+                              f"and this run ({me['run_dir']}, run id {me['run_id']}) never ran there: they may be "
+                              "another run's. Use another output.run_name, or delete that folder if it is stale"
+                              ) from None
+        return
+    if (owner.get("run_id"), owner.get("run_dir")) != (me["run_id"], me["run_dir"]):
+        raise ConfigError(
+            f"checkpoint folder {folder} belongs to another run: {_describe(owner)}; this run is {_describe(me)}. "
+            "Resuming would continue (and deliver) that run's model, and output.resume=false would delete its "
+            "checkpoints: use another output.run_name or output.storage_path for this run")
+
+
+def _describe(run: dict) -> str:
+    return (f"run id {run.get('run_id')} in {run.get('run_dir')} (user {run.get('user')} on {run.get('host')}, "
+            f"config hash {run.get('config_hash')})")
 
 
 # Ray Train's controller on an embedded Ray, whose one machine is never preempted and whose workers
@@ -131,6 +203,7 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
     with StepProgress(config.run_dir, total_steps):
         result = trainer.fit()
     elapsed = time.time() - started
+    check_owner(config, *checkpoint_storage(config)[:2], run_identity(config))  # still ours: a result to deliver
     state = checkpoint.read_state(result.checkpoint)
     if state.step0_drift and "error" in state.step0_drift:  # the workers stopped before any update
         delete_checkpoints(config)  # nothing was trained: a corrected run starts afresh

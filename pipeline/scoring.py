@@ -4,7 +4,6 @@ the numbers (pipeline/cache.py).
 """
 
 import os
-import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.reference import ReferenceScorer, ScoringOptions
+from pipeline.cache import staging_name, sync_folder_of, sync_tree
 from pipeline.cluster import use_ray_data_settings
 from pipeline.console import bar
 
@@ -23,7 +23,8 @@ def score_examples(examples_dir: str, target: str, max_model_len: int, *, backen
     """Streams the examples through the reference actors into `target`, adding `ref_logp` and
     `ref_kl_logp`. The actor pool (and the GPUs it holds) is released when scoring ends.
 
-    Written then renamed: a crash mid-write never leaves a cache entry that looks complete.
+    Written to a staging file named by host and pid, synced, then renamed: a crash mid-write never
+    leaves a cache entry that looks complete, and a failed write removes its staging file.
     """
     use_ray_data_settings()
     scored = ray.data.read_parquet(examples_dir).map_batches(
@@ -36,11 +37,20 @@ def score_examples(examples_dir: str, target: str, max_model_len: int, *, backen
         num_cpus=num_cpus_per_replica,
         num_gpus=num_gpus_per_replica,
     )
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".parquet.tmp")
-    os.close(handle)
+    staging = staging_name(target)  # beside the target, in the data stage's private folder
+    try:
+        _write_in_order(scored, pyarrow.dataset.dataset(examples_dir).count_rows(), staging, backend)
+        sync_tree(staging)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):  # a failed or interrupted write leaves nothing behind
+            os.remove(staging)
+    sync_folder_of(target)
+
+
+def _write_in_order(scored: "ray.data.Dataset", total: int, staging: str, backend: str) -> None:
+    """The scored batches into `staging`, checked to arrive in row order and all of them."""
     writer, expected = None, 0
-    total = pyarrow.dataset.dataset(examples_dir).count_rows()  # every part, as Ray Data reads them
     progress = bar(f"reference ({backend})", total=total)
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -58,4 +68,3 @@ def score_examples(examples_dir: str, target: str, max_model_len: int, *, backen
             writer.close()
     if expected != total:
         raise RuntimeError("reference scoring lost rows; the cache was not written")
-    os.replace(staging, target)

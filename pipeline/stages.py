@@ -14,7 +14,7 @@ from typing import Optional
 import ray
 
 from actors.reference import ScoringOptions
-from pipeline.cache import fingerprint
+from pipeline.cache import check_table, fingerprint
 from pipeline.cluster import start_ray
 from pipeline.config import Config
 from pipeline.data.checks import check_counts, examine, pairing_advice, weight_advice
@@ -126,7 +126,10 @@ def _prepare(config: Config, source: str, data_path: str, model_path: str, refer
 
 def _score(config: Config, examples_dir: str, longest_sequence: int, reference_path: str,
            pad: ray.ObjectRef) -> tuple[str, bool]:
-    """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached)."""
+    """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached).
+    The file's schema is checked before anything reads it, a cached one and a fresh one alike; the
+    workers then read it without a check of their own (pipeline/train/worker.py): the driver's check
+    comes before training starts, in a folder only this user can write (pipeline/cache.py)."""
     r, options = config.reference, ScoringOptions.from_config(config)
     scored_path = f"{examples_dir}-scored-" + fingerprint(
         [], [reference_path], {"backend": r.backend, "dtype": r.dtype, "kl": options.score_kl}) + ".parquet"
@@ -136,4 +139,5 @@ def _score(config: Config, examples_dir: str, longest_sequence: int, reference_p
                        reference_path=reference_path, pad_token_id=ray.get(pad), num_replicas=r.num_replicas,
                        num_cpus_per_replica=r.num_cpus_per_replica, num_gpus_per_replica=r.num_gpus_per_replica,
                        options=options)
+    check_table(scored_path, "scored")
     return scored_path, cache_hit

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pipeline.config import Config
 from pipeline.data.formats import DataError
 from pipeline.data.stage import DataSettings, list_input_files, process_feedback
-from pipeline.cache import fingerprint
+from pipeline.cache import check_folder, fingerprint, private_folder, staging_name, sync_folder_of, sync_tree
 
 
 def data_settings(config: Config, tokenizer_path: str) -> DataSettings:
@@ -25,28 +25,39 @@ def data_settings(config: Config, tokenizer_path: str) -> DataSettings:
 def examine(config: Config, data_path: str, tokenizer_path: str) -> tuple[str, dict]:
     """The data stage for one path, cached: (its cache folder, its counts). The folder holds
     examples/ (kept, KL-paired rows), held_out/ (with eval.split_fraction), rejected/ (rows with
-    reasons) and report.json."""
+    reasons) and report.json; its tables are checked (pipeline/cache.py) before anything uses them."""
     settings = data_settings(config, tokenizer_path)
     files, _ = list_input_files(data_path)
-    folder = os.path.join(os.path.abspath(config.reference.cache_dir), fingerprint(files, [tokenizer_path],
-                                                                                   asdict(settings)))
+    cache_root = private_folder(os.path.abspath(config.reference.cache_dir))
+    folder = os.path.join(cache_root, fingerprint(files, [tokenizer_path], asdict(settings)))
     report_path = os.path.join(folder, "report.json")
     if not os.path.exists(report_path):
-        staging = f"{folder}.tmp-{os.getpid()}"
-        try:
-            report = process_feedback(data_path, settings, staging)
-            with open(os.path.join(staging, "report.json"), "w") as f:
-                json.dump(report, f, indent=2)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        try:
-            os.rename(staging, folder)  # complete or absent: an interrupted stage is never reused
-        except OSError:  # another run finished the same stage first
-            shutil.rmtree(staging, ignore_errors=True)
+        _run_stage(data_path, settings, folder)
+    for part, kind in (("examples", "examples"), ("held_out", "examples"), ("rejected", "rejected")):
+        check_folder(os.path.join(folder, part), kind)
     with open(report_path) as f:
         report = json.load(f)
     return folder, {**report, "rejected_dir": os.path.join(folder, "rejected")}
+
+
+def _run_stage(data_path: str, settings, folder: str) -> None:
+    """The data stage into a private staging folder named by host and pid, synced to disk, then
+    renamed: the cache entry is complete or absent, and a failed stage leaves no staging folder."""
+    staging = staging_name(folder)
+    try:
+        private_folder(staging)  # (exists even when the data holds no rows: report.json goes here)
+        report = process_feedback(data_path, settings, staging)
+        with open(os.path.join(staging, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        sync_tree(staging)
+        os.rename(staging, folder)
+    except OSError:
+        if not os.path.exists(os.path.join(folder, "report.json")):
+            raise
+        # another run finished the same stage first: its folder stands, ours goes
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    sync_folder_of(folder)
 
 
 def check_counts(config: Config, counts: dict, data_path: str) -> None:
