@@ -148,13 +148,30 @@ class Example(NamedTuple):
     label_reason: str  # the label's own problem, kept apart so that the text's, found later, takes precedence
 
 
-def to_examples(columns: dict[str, list], fmt: str, label_map: dict, delimiter: str) -> list[Example]:
+def too_long(value: Any, max_chars: int) -> bool:
+    """Whether a text field (a string, UTF-8 bytes, or a list of messages) holds more than
+    `max_chars` characters in one text (bytes are counted as they are: at least their characters)."""
+    if isinstance(value, (str, bytes)):
+        return len(value) > max_chars
+    if isinstance(value, list):
+        return any(isinstance(m, dict) and isinstance(m.get("content"), (str, bytes)) and len(m["content"]) > max_chars
+                   for m in value)
+    return False
+
+
+def to_examples(columns: dict[str, list], fmt: str, label_map: dict, delimiter: str,
+                max_chars: Optional[int] = None) -> list[Example]:
     """The examples of a batch of input rows: every input row yields one (two for paired
-    formats), bad or not, so nothing is lost."""
+    formats), bad or not, so nothing is lost. A row with a text over `max_chars` characters is
+    `text_too_long` before anything reads its text (a 10 GB field is never split or tokenized)."""
     out = []
     n = len(next(iter(columns.values())))
+    texts = [c for c in FORMAT_COLUMNS[fmt] if c != "label"]
     for i in range(n):
-        if fmt == "unpaired":
+        if max_chars is not None and any(too_long(columns[c][i], max_chars) for c in texts):
+            out.extend(Example(i, side, None, None, None, "text_too_long", "")
+                       for side in ((0, 1) if fmt in PAIRED_FORMATS else (0,)))
+        elif fmt == "unpaired":
             label, label_reason = parse_label(columns["label"][i], label_map)
             out.append(Example(i, 0, columns["prompt"][i], columns["completion"][i], label, "", label_reason))
         elif fmt == "messages":
@@ -191,13 +208,15 @@ class Rendered(NamedTuple):
     reason: str  # why it cannot be rendered ("" when it can)
 
 
-def render(prompt: Any, completion: Any, tokenizer, refused_tokens: tuple[str, ...] = ()) -> Rendered:
+def render(prompt: Any, completion: Any, tokenizer, refused_tokens: tuple[str, ...] = (),
+           max_chars: Optional[int] = None) -> Rendered:
     """An example's prompt and completion texts.
 
     Conversational examples go through the chat template: the prompt with the generation
     prompt, and the completion as what the full conversation adds after it. Feedback text that
     holds the literal string of one of `refused_tokens` (the tokenizer's control tokens) is
     refused: tokenized, it would become that token, a turn boundary planted by whoever wrote it.
+    A rendered conversation over `max_chars` characters is `text_too_long`.
     """
     try:
         prompt, completion = _as_text(prompt), _as_text(completion)
@@ -219,6 +238,8 @@ def render(prompt: Any, completion: Any, tokenizer, refused_tokens: tuple[str, .
             return Rendered("", "", True, "chat_template_error")
         if not full_text.startswith(prompt_text):
             return Rendered("", "", True, "chat_template_error")
+        if max_chars is not None and len(full_text) > max_chars:  # many turns under the cap can add up over it
+            return Rendered("", "", True, "text_too_long")
         return Rendered(prompt_text, full_text[len(prompt_text):], True, "")
     if not isinstance(prompt, str) or not prompt.strip():
         return Rendered("", "", False, "empty_prompt")

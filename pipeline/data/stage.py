@@ -7,7 +7,6 @@ The driver then consumes the stream in read order (provenance, de-duplication an
 need the global order), writing as it goes and keeping only counters and two KL blocks.
 """
 
-import glob
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pipeline.cluster import use_ray_data_settings
 from pipeline.console import bar
 from pipeline.data.formats import (FEEDBACK_SUFFIXES, JSON_SUFFIXES, PAIRED_FORMATS, DataError, check_types,
                                    detect_format)
+from pipeline.data.json_lines import parse_rows, read_chunks, row_limit, rows_table, sample_schema
 from pipeline.data.pairing import KLPairer
 from pipeline.data.tokenize import ADDED_COLUMNS, tokenize_batch
 
@@ -44,18 +44,23 @@ class DataSettings:
     trust_remote_code: bool = False
     held_out_fraction: float = 0.0  # share of the prompts whose rows go to held_out/ (eval), not examples/
     allow_control_tokens: bool = False  # keep rows whose text holds a control token's literal string
+    max_text_chars: int = 1_000_000  # a longer text field is quarantined (text_too_long) before tokenization
 
 
 def list_input_files(path: str) -> tuple[list[str], str]:
     """The feedback files under `path` (a file or a folder, hive partitions allowed), sorted, and
-    their kind (parquet or json)."""
+    their kind (parquet or json).
+
+    The listing never follows a directory symlink (a `d/up -> ..` loop would list a file once
+    per lap, two loops without end) and never leaves the root: a file that is a symlink is read
+    only when its target lies inside the root, else the run stops naming the link and its target
+    (silently dropping it would lose rows; reading it would train on files outside data.path)."""
     if not os.path.exists(path):
         raise DataError(f"data path {path!r} does not exist; point data.path at a Parquet or JSON file or folder")
     if os.path.isfile(path):
         files = [os.path.abspath(path)]
     else:
-        every = sorted(glob.glob(os.path.join(os.path.abspath(path), "**", "*"), recursive=True))
-        files = [f for f in every if os.path.isfile(f) and f.endswith(FEEDBACK_SUFFIXES)]
+        files = _walk_feedback_files(os.path.abspath(path))
     kinds = {"json" if f.endswith(JSON_SUFFIXES) else "parquet" for f in files}
     if not files:
         raise DataError(f"data path {path!r} holds no *.parquet, *.json or *.jsonl(.gz) file")
@@ -64,12 +69,32 @@ def list_input_files(path: str) -> tuple[list[str], str]:
     return files, kinds.pop()
 
 
+def _walk_feedback_files(root: str) -> list[str]:
+    """The feedback files under `root`, sorted; directory symlinks are not entered."""
+    real_root = os.path.realpath(root)
+    files = []
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        subfolders.sort()
+        for name in names:
+            file = os.path.join(folder, name)
+            if not name.endswith(FEEDBACK_SUFFIXES) or not os.path.isfile(file):
+                continue  # (a broken link, a folder named like a file)
+            target = os.path.realpath(file)
+            if os.path.commonpath([real_root, target]) != real_root:
+                raise DataError(f"{file} is a symlink to {target}, outside the data path {root}: feedback is read "
+                                "only from inside data.path. Copy the file in, or point data.path at its folder")
+            files.append(file)
+    return sorted(files)
+
+
 def check_inputs(files: list[str], kind: str, settings: DataSettings) -> str:
     """Whole-input checks at start-up: every file readable, its format's columns present with
     types that can hold them. Returns the format."""
-    if kind == "json":  # no footer to read: the first file's inferred schema stands for all
+    if kind == "json":  # no footer to read: the first rows of the first file stand for all
         try:
-            schemas = {files[0]: ray.data.read_json(files[0]).schema().base_schema}
+            schemas = {files[0]: sample_schema(files[0], row_limit(settings.max_text_chars))}
+        except DataError:
+            raise
         except Exception as error:
             raise DataError(f"{files[0]}: not readable as JSON or JSON lines ({error})") from None
     else:
@@ -88,6 +113,20 @@ def check_inputs(files: list[str], kind: str, settings: DataSettings) -> str:
         raise DataError(f"the files under the data path hold different formats ({sorted(formats)}); "
                         "keep one format a data path")
     return formats.pop()
+
+
+def read_dataset(files: list[str], kind: str, settings: DataSettings) -> "ray.data.Dataset":
+    """The input rows as a stream of blocks of about ROWS_PER_TASK rows. Parquet through Ray
+    Data's reader (a row group at a time); JSON as raw rows in bounded chunks (json_lines.py),
+    parsed in the tokenize tasks, so no task ever holds a whole JSON file."""
+    if kind == "parquet":
+        dataset = ray.data.read_parquet(files, include_paths=True)
+    else:
+        dataset = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+            read_chunks, fn_args=(row_limit(settings.max_text_chars),), batch_size=1, batch_format="pyarrow")
+    # Cutting the rows into small blocks (streaming, no shuffle) lets every CPU tokenize, instead of
+    # one task a file.
+    return dataset.repartition(target_num_rows_per_block=ROWS_PER_TASK)
 
 
 class PartWriter:
@@ -231,6 +270,28 @@ def _mark_duplicates(batch: pa.Table, seen: set) -> pa.Table:
     return batch.set_column(batch.column_names.index("reason"), "reason", pa.array(reasons, pa.string()))
 
 
+def _original_columns(rejected: pa.Table) -> pa.Table:
+    """Quarantined JSON rows with their own columns in place of their raw text (json_lines.py)."""
+    if "kto_json" not in rejected.column_names:
+        return rejected
+    rows, _ = parse_rows(rejected.column("kto_json").to_pylist())
+    own = rows_table(rows, ())
+    rest = rejected.drop_columns(["kto_json"])
+    for name in own.column_names:
+        if name not in rest.column_names:
+            rest = rest.append_column(name, own.column(name))
+    return rest
+
+
+def _blocks(dataset: "ray.data.Dataset"):
+    """The dataset's blocks in read order. An error a task raised on purpose (a DataError naming
+    the file: a truncated JSON array) reaches the user as its own message, not as Ray's traceback."""
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    except DataError as error:
+        raise DataError(str(getattr(error, "cause", None) or error)) from None
+
+
 def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     """Streams `path` through the data stage into out_dir/examples/ (kept, KL-paired rows),
     out_dir/held_out/ (with settings.held_out_fraction: the held-out prompts' rows, paired among
@@ -238,11 +299,9 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     files, kind = list_input_files(path)
     fmt = check_inputs(files, kind, settings)
     use_ray_data_settings()
-    read = ray.data.read_parquet if kind == "parquet" else ray.data.read_json
-    # A file is read by one task; cutting its rows into small blocks (streaming, no shuffle) lets
-    # every CPU tokenize, instead of one task a file.
-    dataset = read(files, include_paths=True).repartition(target_num_rows_per_block=ROWS_PER_TASK).map_batches(
-        tokenize_batch, fn_args=(fmt, settings), batch_format="pyarrow", num_cpus=1)
+    os.makedirs(out_dir, exist_ok=True)  # (report.json goes here, whatever the input held)
+    dataset = read_dataset(files, kind, settings).map_batches(tokenize_batch, fn_args=(fmt, settings),
+                                                              batch_format="pyarrow", num_cpus=1)
     rejected = PartWriter(os.path.join(out_dir, "rejected"))
     train, held_out = (PairedSink(os.path.join(out_dir, name), settings) for name in ("examples", "held_out"))
     reasons, rows_seen, seen = Counter(), Counter(), set()
@@ -250,15 +309,16 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
     if fmt in PAIRED_FORMATS:
         kept_columns.append("pair_id")
     progress = bar(f"data: {os.path.basename(path.rstrip('/')) or path}")
-    for batch in dataset.iter_batches(batch_size=4096, batch_format="pyarrow"):
+    # A block at a time, never concatenated: blocks may type a column differently (JSON).
+    for batch in _blocks(dataset):
         progress.update(batch.num_rows)
         batch = _provenance(batch, fmt, rows_seen)
         if settings.deduplicate:
             batch = _mark_duplicates(batch, seen)
         is_bad = pc.not_equal(batch.column("reason"), "")
         bad = batch.filter(is_bad)
-        rejected.write(bad.drop_columns([c for c in ADDED_COLUMNS if c not in ("reason",)] + (
-            ["pair_id"] if fmt in PAIRED_FORMATS else [])))
+        rejected.write(_original_columns(bad.drop_columns([c for c in ADDED_COLUMNS if c not in ("reason",)] + (
+            ["pair_id"] if fmt in PAIRED_FORMATS else []))))
         reasons.update(bad.column("reason").to_pylist())
         kept = batch.filter(pc.invert(is_bad))
         if settings.held_out_fraction > 0:
@@ -268,6 +328,9 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
         train.add(kept, kept_columns)
     progress.close()
     rejected.close()
+    if not rows_seen:
+        raise DataError(f"{files[0]} holds no rows" if len(files) == 1 else
+                        f"data path {path!r}: its {len(files)} files hold no rows")
     counts = train.finish()
     held_out_counts = held_out.finish()
     n_rejected = sum(reasons.values())

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.data.formats import FORMAT_COLUMNS, DataError, render, to_examples
+from pipeline.data.json_lines import parse_rows
 
 # What tokenize_batch adds to the input columns.
 ADDED_COLUMNS = ("kto_side", "kto_label", "prompt_ids", "completion_ids", "prompt_tokens", "completion_tokens",
@@ -61,6 +62,22 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[Optio
         return out
 
 
+def _input_rows(batch: pa.Table, fmt: str) -> tuple[pa.Table, dict[str, list], list[str]]:
+    """(the rows' original columns with `path`, the format's columns as Python values, a reason
+    per row that cannot be read). JSON arrives as raw text (json_lines.py) and is parsed here, a
+    row at a time: each value keeps its own type, so mixed label types are per-row verdicts. Its
+    original columns stay that text (one schema for every block, however the rows' types vary):
+    the driver types the quarantined rows' columns when it writes them."""
+    if "kto_json" in batch.column_names:
+        rows, reasons = parse_rows(batch.column("kto_json").to_pylist())
+        return batch, {c: [row.get(c) if row else None for row in rows] for c in FORMAT_COLUMNS[fmt]}, reasons
+    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in batch.column_names]
+    if missing:
+        source = batch.column("path")[0].as_py() if "path" in batch.column_names else "an input file"
+        raise DataError(f"{source}: required column(s) {missing} missing; every file needs {FORMAT_COLUMNS[fmt]}")
+    return batch, {c: batch.column(c).to_pylist() for c in FORMAT_COLUMNS[fmt]}, [""] * batch.num_rows
+
+
 def tokenize_batch(batch: pa.Table, fmt: str, settings) -> pa.Table:
     """Ray Data task: each input row becomes its examples, with the original columns repeated
     (`settings`: the stage's DataSettings).
@@ -73,23 +90,20 @@ def tokenize_batch(batch: pa.Table, fmt: str, settings) -> pa.Table:
     EOS does not end the prompt with it); a chat template writes its own tokens and ends the turn
     as it does (Gemma's <end_of_turn>, Llama-3's <|eot_id|>): nothing is added. The prompt is cut
     from the left to max_prompt_length keeping its BOS, the completion from the right to what
-    max_length leaves. Bad examples keep a `reason`, and no tokens.
+    max_length leaves. Bad examples keep a `reason`, and no tokens; a text over
+    settings.max_text_chars is refused (`text_too_long`) before it is rendered or tokenized.
     """
     tok = _tokenizer(settings.tokenizer_path, settings.trust_remote_code)
-    missing = [c for c in FORMAT_COLUMNS[fmt] if c not in batch.column_names]
-    if missing:
-        source = batch.column("path")[0].as_py() if "path" in batch.column_names else "an input file"
-        raise DataError(f"{source}: required column(s) {missing} missing; every file needs {FORMAT_COLUMNS[fmt]}")
-    examples = to_examples({c: batch.column(c).to_pylist() for c in FORMAT_COLUMNS[fmt]}, fmt,
-                           settings.label_map, settings.prompt_delimiter)
+    batch, columns, row_reasons = _input_rows(batch, fmt)
+    examples = to_examples(columns, fmt, settings.label_map, settings.prompt_delimiter, settings.max_text_chars)
     controls, tokenizer_appends_eos = _tokenizer_facts(settings.tokenizer_path, settings.trust_remote_code)
     refused = () if settings.allow_control_tokens else controls
     n = len(examples)
-    reasons = [example.reason for example in examples]
+    reasons = [row_reasons[example.row] or example.reason for example in examples]
     texts: list = [None] * n
     for j, example in enumerate(examples):
-        if not example.reason:
-            texts[j] = render(example.prompt, example.completion, tok, refused)
+        if not reasons[j]:
+            texts[j] = render(example.prompt, example.completion, tok, refused, settings.max_text_chars)
             reasons[j] = texts[j].reason or example.label_reason
     prompt_ids, completion_ids = [None] * n, [None] * n
     prompt_tokens, completion_tokens = [0] * n, [0] * n
