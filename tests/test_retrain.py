@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -20,7 +21,8 @@ import yaml
 from conftest import ROOT, launch_here, write_feedback
 from pipeline.retrain.cycle import gate
 from pipeline.retrain.ledger import V1, Ledger
-from pipeline.retrain.partitions import MAX_DEPTH, survey
+from pipeline.retrain.partitions import survey
+from pipeline.retrain.reading import MAX_DEPTH
 
 HOUR = 3600
 
@@ -165,10 +167,39 @@ def test_a_partition_is_eligible_once_sealed_by_its_marker_or_by_settling(tmp_pa
     assert [(f.name, rows) for f, rows in found.new] == [
         ("date=2026-12-01/part-0.parquet", 3), ("date=2026-12-01/part-1.parquet", 5), ("date=2026-12-03/part-0.parquet", 2)]
     # A file directly under the root is its own partition, sealed by settling.
-    (root / "loose.jsonl").write_text('{"prompt": "p", "completion": "c", "label": true}\n')
-    assert "loose.jsonl" in {w["partition"] for w in _survey(root).waiting}
-    _age(root / "loose.jsonl", HOUR)
-    assert ("loose.jsonl", 1) in [(f.name, rows) for f, rows in _survey(root).new]
+    write_feedback(str(root / "loose.parquet"), rows=1)
+    assert "loose.parquet" in {w["partition"] for w in _survey(root).waiting}
+    _age(root / "loose.parquet", HOUR)
+    assert ("loose.parquet", 1) in [(f.name, rows) for f, rows in _survey(root).new]
+
+
+def test_a_cycle_is_recorded_before_it_reads_any_feedback_and_history_lists_what_it_found(tmp_path):
+    """Ledger-only cycles (no training, no Ray): a missing feedback root, then a skip that quarantines."""
+    from pipeline.config import load_config
+    from pipeline.retrain.cycle import retrain
+
+    settings = {"retrain.feedback_root": str(tmp_path / "feedback"), "retrain.registry_dir": str(tmp_path / "registry"),
+                "retrain.min_new_rows": 1000, "eval.path": str(tmp_path / "held_out.parquet"),
+                "model.name_or_path": str(tmp_path / "model")}
+    overrides = tuple(f"{key}={value}" for key, value in settings.items())
+    config = load_config(None, overrides)
+    with pytest.raises(FileNotFoundError, match="retrain.feedback_root"):
+        retrain(config)
+    _partition(tmp_path, "2026-12-01", seed=1)
+    (tmp_path / "feedback" / "broken.json").write_text('[{"prompt": "p", "completion": "c"')
+    _age(tmp_path / "feedback" / "broken.json", HOUR)
+    skipped = retrain(config)
+    assert skipped["status"] == "skipped" and _files(skipped) == ["date=2026-12-01/part-0.parquet"]
+    assert [q["name"] for q in skipped["quarantined"]] == ["broken.json"]
+    table = launch_here("history", *[f"--set={o}" for o in overrides])
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[4] == "failed" and "FileNotFoundError: retrain.feedback_root" in lines[1]
+    assert lines[2].split()[4] == "skipped"
+    assert lines[3].strip() == "files (eligible, not consumed): date=2026-12-01/part-0.parquet"
+    assert lines[4].strip().startswith("quarantined broken.json: the file is not valid JSON")
+    full = json.loads(launch_here("history", "--json", *[f"--set={o}" for o in overrides]).stdout)
+    assert full[1]["partitions"][0]["files"][0]["rows"] == 16 and full[1]["quarantined"][0]["fingerprint"]
 
 
 def _promote(ledger: Ledger, found) -> int:
@@ -216,6 +247,7 @@ def _bad_files(root) -> dict[str, str]:
     with open(good, "rb") as f:
         (root / "no_footer.parquet").write_bytes(f.read()[:-20])
     (root / "columns.jsonl").write_bytes(b'{"question": "q", "answer": "a"}\n')
+    (root / "empty.jsonl").write_bytes(b"\n")
     os.mkfifo(root / "pipe.jsonl")
     outside = root.parent / "elsewhere"
     write_feedback(str(outside / "part-0.parquet"), rows=3)
@@ -225,7 +257,7 @@ def _bad_files(root) -> dict[str, str]:
     _age_tree(root)
     return {"half.json": "not valid JSON", "truncated.jsonl.gz": "EOFError", "latin1.jsonl": "line 2 is not UTF-8",
             "deep.jsonl": f"deeper than {MAX_DEPTH}", "deep.json": f"deeper than {MAX_DEPTH}",
-            "no_footer.parquet": "ArrowInvalid", "columns.jsonl": "match no feedback format",
+            "no_footer.parquet": "ArrowInvalid", "columns.jsonl": "match no feedback format", "empty.jsonl": "no rows",
             "pipe.jsonl": "not a regular file", "date=2026-11-30": "outside the feedback root",
             "linked.parquet": "outside the feedback root", "date=2026-12-01/up": "inside the feedback root"}
 
@@ -250,9 +282,24 @@ def test_unreadable_files_and_symlinks_are_quarantined_with_a_reason_and_retried
     write_feedback(str(root / "linked.parquet"), rows=2)  # the link replaced by the file itself
     _age(root / "linked.parquet", HOUR)
     fixed = _survey(root, ledger)
-    assert sorted((f.name, rows) for f, rows in fixed.new) == [
-        ("date=2026-12-01/part-0.parquet", 5), ("half.json", 1), ("linked.parquet", 2)]
-    assert not fixed.quarantined
+    assert sorted((f.name, rows) for f, rows in fixed.new) == [("date=2026-12-01/part-0.parquet", 5),
+                                                               ("linked.parquet", 2)]
+    assert not fixed.quarantined and "half.json" not in fixed.still_quarantined
+    assert "holds json/unpaired feedback" in {w["partition"]: w["reason"] for w in fixed.waiting}["half.json"]
+
+
+def test_a_cycle_reads_one_kind_and_format_of_file_and_the_others_wait(tmp_path):
+    """The data stage reads one kind (Parquet or JSON) and one format a run: the kind with the most
+    new rows trains, the others wait for a later cycle instead of failing every cycle."""
+    root = tmp_path / "feedback"
+    write_feedback(str(root / "date=2026-12-01" / "part-0.parquet"), rows=5)
+    (root / "date=2026-12-01" / "part-1.jsonl").write_bytes(b'{"prompt": "p", "completion": "c", "label": true}\n' * 9)
+    pq.write_table(pa.table({"prompt": ["p"], "chosen": ["good"], "rejected": ["bad"]}), str(root / "paired.parquet"))
+    found = _survey(root, settle_s=0)
+    assert [(f.name, f.kind, rows) for f, rows in found.new] == [("date=2026-12-01/part-1.jsonl", "json/unpaired", 9)]
+    waiting = {w["partition"]: w["reason"] for w in found.waiting}
+    assert set(waiting) == {"date=2026-12-01/part-0.parquet", "paired.parquet"}
+    assert "holds parquet/paired feedback; this cycle trains the json/unpaired files" in waiting["paired.parquet"]
 
 
 def test_the_gate_compares_with_the_promoted_model_bounds_the_drift_and_refuses_nan():
@@ -273,6 +320,7 @@ def test_the_gate_compares_with_the_promoted_model_bounds_the_drift_and_refuses_
         verdict = gate(before, after, False, 1.0, 1e9)
         assert not verdict["passed"] and word in verdict["reason"] and "not a finite number" in verdict["reason"]
     assert not gate({"accuracy": float("nan")}, {"accuracy": 0.9, "kl_unclamped": 0.1}, False, 1.0, 3.0)["passed"]
+    assert "held-out accuracy is None" in gate(before, {"accuracy": None, "kl_unclamped": 0.1}, False, 1.0, 3.0)["reason"]
 
 
 def test_a_finished_cycle_is_never_rewritten(tmp_path):
@@ -313,6 +361,7 @@ MIGRATE = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 from pipeline.retrain.ledger import Ledger
+open(os.path.join({ready!r}, str(os.getpid())), "w").close()
 while not os.path.exists({go!r}):
     time.sleep(0.005)
 Ledger({ledger!r}, {feedback!r}).close()
@@ -326,12 +375,17 @@ def test_processes_opening_an_old_ledger_at_once_migrate_it_once(tmp_path):
     write_feedback(str(feedback / "date=2026-11-21" / "part-0.parquet"), rows=4)
     ledger_path, go = str(tmp_path / "ledger.sqlite"), str(tmp_path / "go")
     _v1_ledger(ledger_path, feedback)
-    script = MIGRATE.format(root=ROOT, go=go, ledger=ledger_path, feedback=str(feedback))
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    script = MIGRATE.format(root=ROOT, go=go, ready=str(ready), ledger=ledger_path, feedback=str(feedback))
     openers = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(6)]
-    time.sleep(3)  # every process imported and waiting
+    while len(os.listdir(ready)) < len(openers):  # every process imported, waiting for the start
+        assert all(opener.poll() is None for opener in openers)
+        time.sleep(0.01)
     open(go, "w").close()
     for opener in openers:
         assert opener.wait(timeout=120) == 0, opener.stderr.read()[-2000:]
+    Ledger(ledger_path, str(feedback)).close()  # (an open that no other process shares leaves WAL)
     db = sqlite3.connect(ledger_path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # no WAL on a shared volume
@@ -349,14 +403,14 @@ def test_processes_opening_an_old_ledger_at_once_migrate_it_once(tmp_path):
 
 
 def _quarantined_and_waiting_feedback(tmp_path) -> None:
-    """Beside the good partition: a corrupt one (a truncated gzip), a symlink to a folder outside
+    """Beside the good partition: a corrupt one (a Parquet file cut short), a symlink to a folder outside
     the root, and a partition whose writer is not done (no marker, just written)."""
     feedback = tmp_path / "feedback"
-    rows = b"".join(json.dumps({"prompt": f"question {i}?", "completion": "an answer.", "label": i % 2 == 0}).encode()
-                    + b"\n" for i in range(12))
-    (feedback / "date=2026-11-19").mkdir()
-    (feedback / "date=2026-11-19" / "part-0.jsonl.gz").write_bytes(gzip.compress(rows)[:-30])
-    _seal(feedback / "date=2026-11-19")
+    corrupt = _partition(tmp_path, "2026-11-19", seed=6, rows=12)
+    with open(corrupt, "rb") as f:
+        data = f.read()
+    with open(corrupt, "wb") as f:  # an upload cut short: no footer
+        f.write(data[:-100])
     write_feedback(str(tmp_path / "elsewhere" / "part-0.parquet"), rows=16, seed=5)
     os.symlink(tmp_path / "elsewhere", feedback / "date=2026-11-18")
     _partition(tmp_path, "2026-11-22", seed=4, sealed=False)
@@ -397,7 +451,7 @@ def test_a_registry_loses_no_feedback_whichever_phase_a_cycle_is_killed_in(regis
     (killed,), consumed = _ledger(tmp_path)
     assert killed["status"] == "running" and not consumed and _files(killed) == ["date=2026-11-20/part-0.parquet"]
     reasons = {q["name"]: q["reason"] for q in killed["quarantined"]}
-    assert "EOFError" in reasons["date=2026-11-19/part-0.jsonl.gz"]
+    assert "ArrowInvalid" in reasons["date=2026-11-19/part-0.parquet"]
     assert "outside the feedback root" in reasons["date=2026-11-18"]
     assert [w["partition"] for w in killed["waiting"]] == ["date=2026-11-22"]
 
@@ -438,21 +492,20 @@ def test_a_registry_loses_no_feedback_whichever_phase_a_cycle_is_killed_in(regis
     assert second["status"] == "promoted" and second["new_rows"] == 32 and second["replay_rows"] == 16
     assert os.path.realpath(current) == second["model_path"]  # switched before pruning
     assert not os.path.isdir(first["model_path"]) and os.path.isdir(rejected["model_path"])  # pruning cut short
-    replay = pq.read_table(os.path.join(os.path.dirname(second["model_path"]), "feedback", "replay", "part-0.parquet"))
+    staged = os.path.join(os.path.dirname(second["model_path"]), "feedback")
+    assert os.listdir(staged) == ["replay"]  # the staged feedback went after training; the replay sample stays
+    replay = pq.read_table(os.path.join(staged, "replay", "part-0.parquet"))
     older = pq.read_table(str(tmp_path / "feedback" / "date=2026-11-20" / "part-0.parquet"))
     assert replay.num_rows == 16 and set(replay.column("extra").to_pylist()) <= set(older.column("extra").to_pylist())
 
     # 6. The corrupt file fixed, the first file rewritten in place, the last partition sealed: a ledger-only cycle
     # (too few rows to train) finishes the pruning and lists what is eligible now.
-    (tmp_path / "feedback" / "date=2026-11-19" / "part-0.jsonl.gz").write_bytes(gzip.compress(
-        b"".join(json.dumps({"prompt": f"q{i}?", "completion": "a.", "label": True}).encode() + b"\n"
-                 for i in range(12))))
-    _seal(tmp_path / "feedback" / "date=2026-11-19")
+    _partition(tmp_path, "2026-11-19", seed=6, rows=12)  # the upload done again
     write_feedback(str(tmp_path / "feedback" / "date=2026-11-20" / "part-0.parquet"), rows=16, seed=7)
     _seal(tmp_path / "feedback" / "date=2026-11-22")
     skipped = _retrain(config, "retrain.min_new_rows=1000", "retrain.keep_models=1")
     assert skipped["status"] == "skipped" and "retrain.min_new_rows" in skipped["reason"]
-    assert _files(skipped) == ["date=2026-11-19/part-0.jsonl.gz", "date=2026-11-22/part-0.parquet"]
+    assert _files(skipped) == ["date=2026-11-19/part-0.parquet", "date=2026-11-22/part-0.parquet"]
     assert [(c["name"], c["consumed_by_cycle"]) for c in skipped["changed"]] == [("date=2026-11-20/part-0.parquet", 3)]
     assert not skipped["quarantined"] and not skipped["waiting"]
 
@@ -483,7 +536,7 @@ def test_a_registry_loses_no_feedback_whichever_phase_a_cycle_is_killed_in(regis
     text = table.stdout
     assert "files (consumed): date=2026-11-20/part-0.parquet" in text
     assert "files (consumed): date=2026-11-20/part-1.parquet, date=2026-11-21/part-0.parquet" in text
-    assert "quarantined date=2026-11-19/part-0.jsonl.gz: EOFError" in text and "changed since cycle 3" in text
+    assert "quarantined date=2026-11-19/part-0.parquet: ArrowInvalid" in text and "changed since cycle 3" in text
     full = json.loads(launch_here("history", "--config", config, "--json").stdout)
     assert [f["name"] for p in full[4]["partitions"] for f in p["files"]] == _files(second)
     assert {f["fingerprint"] for p in full[4]["partitions"] for f in p["files"]} and full[4]["replay_rows"] == 16

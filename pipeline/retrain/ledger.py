@@ -31,7 +31,8 @@ import sqlite3
 import time
 from typing import Optional
 
-from pipeline.retrain.partitions import Unreadable, list_partitions, read_rows
+from pipeline.retrain.partitions import list_partitions
+from pipeline.retrain.reading import Unreadable, read_rows
 
 log = logging.getLogger("kto")
 SCHEMA_VERSION = 2
@@ -125,7 +126,7 @@ class Ledger:
         """v1 -> v2: each consumed partition's files, as they are on disk now, consumed by its cycle."""
         consumed = {row["partition"]: row for row in self.db.execute("SELECT * FROM consumed")}
         if consumed and not os.path.isdir(self.feedback_root):
-            raise RuntimeError(f"ledger {self.path} needs migrating to schema version 2, which lists the consumed "
+            raise FileNotFoundError(f"ledger {self.path} needs migrating to schema version 2, which lists the consumed "
                                f"partitions' files under retrain.feedback_root = {self.feedback_root!r}, not a "
                                "folder here: run it where the feedback volume is mounted")
         differ = []

@@ -3,9 +3,12 @@
 A partition is an entry directly under the root: a feedback file, or a folder (a hive partition
 such as date=2026-12-02/) with every feedback file below it. Each file goes through:
 
-    waiting      its partition is not sealed yet: not read, not hashed
-    eligible     sealed, never consumed, and readable: a cycle trains on it
-    quarantined  sealed but unreadable, or a symlink: recorded with its reason, never trained on;
+    waiting      its partition is not sealed yet: not read, not hashed (or: sealed and readable, but
+                 of another kind than this cycle's, see Survey.one_kind)
+    eligible     sealed, never consumed, and read in full without error: a cycle trains on it
+    quarantined  sealed but unreadable (broken JSON, gzip or Parquet, not UTF-8, nested too deep,
+                 no feedback columns, no rows), or a symlink, or not a regular file: recorded in the
+                 ledger with its reason, never trained on, while the partition's other files are;
                  new bytes (a new content fingerprint) make it eligible again
     consumed     trained on by a promoted cycle (recorded per file in the ledger)
     changed      consumed, and its bytes changed since: reported, never trained on again
@@ -26,27 +29,18 @@ without following a final symlink, and must resolve inside the root.
 """
 
 import functools
-import gzip
 import hashlib
-import json
 import os
 import stat
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.data.formats import FEEDBACK_SUFFIXES, DataError, check_types, detect_format
+from pipeline.data.formats import FEEDBACK_SUFFIXES
+from pipeline.retrain.reading import Unreadable, open_inside, read_rows
 
 MARKER = "_SUCCESS"
-MAX_DEPTH = 32  # JSON nesting a feedback row can need is 4 (row, messages, message, text); pyarrow crashes past ~10^4
-
-
-class Unreadable(Exception):
-    """A feedback file that cannot be read; the message is the ledger's quarantine reason."""
 
 
 @dataclass
@@ -57,6 +51,7 @@ class FeedbackFile:
     size: int
     mtime_ns: int
     link: Optional[str] = None  # a symlink's target: such an entry is never read
+    kind: str = ""  # "parquet/unpaired", "json/paired", ...: set once read (read_rows)
 
     @property
     def signature(self) -> str:
@@ -69,7 +64,7 @@ class FeedbackFile:
         if self.link is not None:
             digest.update(b"symlink\0" + self.link.encode())
             return digest.hexdigest()
-        with _open_inside(self.path) as f:
+        with open_inside(self.path) as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
         return digest.hexdigest()
@@ -161,6 +156,20 @@ class Survey:
     def new_rows(self) -> int:
         return sum(rows for _, rows in self.new)
 
+    def one_kind(self) -> None:
+        """Keep the new files of one kind and format (a cycle's data stage reads one: Parquet or
+        JSON, unpaired or paired, ...), the kind with the most rows; the others wait for the next
+        cycle, so that one odd file never fails every night's cycle."""
+        rows: dict = {}
+        for file, n in self.new:
+            rows[file.kind] = rows.get(file.kind, 0) + n
+        chosen = max(rows, key=lambda kind: (rows[kind], kind), default=None)
+        later = [file for file, _ in self.new if file.kind != chosen]
+        self.new = [(file, n) for file, n in self.new if file.kind == chosen]
+        self.waiting += [{"partition": file.name, "files": 1, "reason": f"holds {file.kind} feedback; this cycle "
+                          f"trains the {chosen} files (one kind and format a cycle), a later cycle these"}
+                         for file in later]
+
 
 def survey(root: str, consumed: dict, quarantine: dict, settle_s: float, data_format: str = "auto",
            label_map: Optional[dict] = None, now: Optional[int] = None) -> Survey:
@@ -183,6 +192,7 @@ def survey(root: str, consumed: dict, quarantine: dict, settle_s: float, data_fo
         if waiting:
             result.waiting.append({"partition": partition.name, "files": waiting,
                                    "reason": partition.waiting_reason(now, settle_s)})
+    result.one_kind()
     return result
 
 
@@ -232,105 +242,5 @@ def link_reason(file: FeedbackFile, root: str) -> str:
     return f"symlink to {file.link} ({where}); symlinks are never followed: put the file itself there"
 
 
-def read_rows(file: FeedbackFile, data_format: str = "auto", label_map: Optional[dict] = None) -> int:
-    """The file's input rows, after reading every one of them; Unreadable(reason) when that fails.
-
-    Parquet: every page decoded, its columns checked against the feedback formats. JSON lines:
-    every line UTF-8 and a JSON object. JSON: one object or a list of objects. Nesting deeper
-    than MAX_DEPTH is refused before any pyarrow reader sees it (pyarrow's JSON parser recurses
-    and crashes its process on deep enough input)."""
-    try:
-        if file.path.endswith(".parquet"):
-            return _parquet_rows(file, data_format, label_map or {})
-        return _json_rows(file, data_format)
-    except Unreadable:
-        raise
-    except (OSError, EOFError, zlib.error, pa.ArrowException, DataError) as error:  # gzip.BadGzipFile is an OSError
-        raise Unreadable(_clip(f"{type(error).__name__}: {error}")) from None
-
-
-def _parquet_rows(file: FeedbackFile, data_format: str, label_map: dict) -> int:
-    with _open_inside(file.path) as f:
-        parquet = pq.ParquetFile(f)
-        fmt = detect_format(parquet.schema_arrow.names, data_format, file.name)
-        check_types(parquet.schema_arrow, fmt, label_map, file.name)
-        return sum(batch.num_rows for batch in parquet.iter_batches(batch_size=65536))
-
-
-def _json_rows(file: FeedbackFile, data_format: str) -> int:
-    columns: set = set()
-    with _open_inside(file.path) as raw:
-        stream = gzip.GzipFile(fileobj=raw) if file.path.endswith(".gz") else raw
-        if file.path.endswith((".jsonl", ".jsonl.gz")):
-            rows = 0
-            for number, line in enumerate(stream, 1):
-                if line.strip():
-                    columns |= _json_object(line, f"line {number}").keys()
-                    rows += 1
-        else:
-            value = _json_value(stream.read(), "the file")
-            items = value if isinstance(value, list) else [value]
-            for number, item in enumerate(items):
-                if not isinstance(item, dict):
-                    raise Unreadable(f"item {number} is a JSON {type(item).__name__}, not an object with the row's fields")
-                columns |= item.keys()
-            rows = len(items)
-    if rows:
-        detect_format(sorted(columns), data_format, file.name)
-    return rows
-
-
-def _json_object(line: bytes, where: str) -> dict:
-    value = _json_value(line, where)
-    if not isinstance(value, dict):
-        raise Unreadable(f"{where} is a JSON {type(value).__name__}, not an object with the row's fields")
-    return value
-
-
-def _json_value(data: bytes, where: str):
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise Unreadable(f"{where} is not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); "
-                         "write JSON as UTF-8") from None
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise Unreadable(f"{where}: JSON nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as error:
-        raise Unreadable(_clip(f"{where} is not valid JSON ({error}): a partial upload?")) from None
-    if _depth(value) > MAX_DEPTH:
-        raise Unreadable(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
-    return value
-
-
-def _depth(value) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            if depth <= MAX_DEPTH:
-                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-def _open_inside(path: str):
-    """Open for reading without following a final symlink, and only if the path resolves inside
-    the root it was listed under (a folder swapped for a symlink after listing is refused)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as error:
-        raise Unreadable(f"cannot open: {error.strerror}") from None
-    if os.path.realpath(path) != os.path.normpath(path):
-        os.close(fd)
-        raise Unreadable(f"{path} resolves to {os.path.realpath(path)}: a folder on its path became a symlink")
-    return os.fdopen(fd, "rb")
-
-
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= 300 else text[:297] + "..."
