@@ -75,8 +75,11 @@ def content_hash(path: str) -> str:
 
 def model_key(folder: str) -> str:
     """What defines a model folder's outputs: every top-level file (config, tokenizer files, chat
-    template, weights), by its bytes, or (for large weight files) by device, inode, size, mtime and
-    ctime, which change on any write, including one whose mtime was restored."""
+    template, weights), by its bytes, or (for large weight files, which would take seconds a GB)
+    by device, inode, size, mtime and ctime, which change on any write, including one whose mtime
+    was restored (ctime ticks at the kernel's clock granularity, a few ms: a second write within the
+    same tick as the one that was keyed would go unseen; a weight file replaced by a copy or a
+    download is a new inode)."""
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)

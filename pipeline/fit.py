@@ -124,7 +124,14 @@ def run_identity(config: Config) -> dict:
                 for key, value in values.items() if (section, key) not in RESUMABLE_CHANGES}
     config_hash = hashlib.sha256(json.dumps(training, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"run_id": run_id, "run_dir": config.run_dir, "config_hash": config_hash,
-            "host": socket.gethostname(), "user": getpass.getuser()}
+            "host": socket.gethostname(), "user": _user()}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return str(os.getuid())
 
 
 def claim_storage(config: Config, filesystem: pafs.FileSystem, folder: str, me: dict) -> None:
@@ -158,14 +165,18 @@ def check_owner(config: Config, filesystem: pafs.FileSystem, folder: str, me: di
                               "another run's. Use another output.run_name, or delete that folder if it is stale"
                               ) from None
         return
-    if (owner.get("run_id"), owner.get("run_dir")) != (me["run_id"], me["run_dir"]):
+    except ValueError as error:  # (json's)
+        raise ConfigError(f"{folder}/{OWNER}, the checkpoint folder's owner record, is not JSON ({error}): "
+                          "use another output.run_name, or delete that folder if it is stale") from None
+    if not isinstance(owner, dict) or (owner.get("run_id"), owner.get("run_dir")) != (me["run_id"], me["run_dir"]):
         raise ConfigError(
             f"checkpoint folder {folder} belongs to another run: {_describe(owner)}; this run is {_describe(me)}. "
             "Resuming would continue (and deliver) that run's model, and output.resume=false would delete its "
             "checkpoints: use another output.run_name or output.storage_path for this run")
 
 
-def _describe(run: dict) -> str:
+def _describe(run) -> str:
+    run = run if isinstance(run, dict) else {}
     return (f"run id {run.get('run_id')} in {run.get('run_dir')} (user {run.get('user')} on {run.get('host')}, "
             f"config hash {run.get('config_hash')})")
 
