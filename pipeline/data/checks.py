@@ -40,7 +40,7 @@ def examine(config: Config, data_path: str, tokenizer_path: str) -> tuple[str, d
     return folder, {**report, "rejected_dir": os.path.join(folder, "rejected")}
 
 
-def _run_stage(data_path: str, settings, folder: str) -> None:
+def _run_stage(data_path: str, settings: DataSettings, folder: str) -> None:
     """The data stage into a private staging folder named by host and pid, synced to disk, then
     renamed: the cache entry is complete or absent, and a failed stage leaves no staging folder."""
     staging = staging_name(folder)
