@@ -165,3 +165,46 @@ def test_validate_names_a_parquet_file_that_holds_no_rows(tmp_path, tiny_model, 
                          "--set", f"model.cache_dir={tmp_path / 'models'}")
     assert result.returncode == 2, result.stderr
     assert f"error: {empty} holds no rows" in result.stderr and "Errno" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(__import__("pipeline.fit").fit, "TrainingStopped"),
+                    reason="needs pipeline/fit.py to read the workers' stop file (issue 16, item 10)")
+def test_a_nan_reference_log_prob_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, tiny_model, ray_local):
+    """Through launch.py, 2 workers: the scored cache's row 5 (step 2 of sequential batches of 4)
+    gets a NaN reference log-prob. train exits 3 naming step 2 and the row's source file and row,
+    after no update of step 2 and without a restart of the workers; the checkpoint of step 1 is
+    kept, with finite weights."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from conftest import SHARED_CACHE, write_feedback
+
+    data = write_feedback(str(tmp_path / "data" / "feedback.parquet"), rows=12)
+    settings = {"model.name_or_path": tiny_model, "data.path": data, "data.generate_demo": "false",
+                "data.kl_block_size": 4, "eval.path": "null", "kto.max_length": 64, "kto.max_prompt_length": 32,
+                "training.max_steps": 3, "training.per_device_train_batch_size": 2, "scaling.num_workers": 2,
+                "training.train_sampling_strategy": "sequential", "training.save_steps": 1,
+                "output.output_dir": str(tmp_path / "runs"), "output.run_name": "nan", "output.report_to": "[]",
+                "reference.cache_dir": os.path.join(os.path.dirname(SHARED_CACHE), "nan-test"),
+                "model.cache_dir": str(tmp_path / "models")}
+    args = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    precomputed = launch_here("precompute", *args)
+    assert precomputed.returncode == 0, precomputed.stderr
+    scored_path = json.loads(precomputed.stdout)["scored"]
+    scored = pq.read_table(scored_path)
+    ref = scored.column("ref_logp").to_pylist()
+    ref[5] = float("nan")
+    field = scored.schema.field("ref_logp")
+    pq.write_table(scored.set_column(scored.column_names.index("ref_logp"), field, pa.array(ref, field.type)),
+                   scored_path)
+    source = f"{scored.column('source_file')[5].as_py()} row {scored.column('source_row')[5].as_py()}"
+    result = launch_here("train", *args)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training stopped at step 2" in result.stderr and source in result.stderr, result.stderr[-3000:]
+    assert "the checkpoint of step 1 is kept" in result.stderr and "resuming" not in result.stderr
+    checkpoints = str(tmp_path / "runs" / "nan" / "ray_train" / "checkpoint_*")
+    assert [json.load(open(path))["step"] for path in glob.glob(f"{checkpoints}/trainer_state.json")] == [1]
+    weights = load_file(glob.glob(f"{checkpoints}/model/model.safetensors")[0])
+    assert all(bool(tensor.isfinite().all()) for tensor in weights.values())

@@ -1,7 +1,9 @@
 """The training step without Ray: what gradient accumulation and z0 must do on one process."""
 
 import copy
+import math
 
+import pytest
 import torch
 
 from pipeline.logprobs import collate, sequence_logps
@@ -233,3 +235,68 @@ def test_pairwise_steps_keep_pairs_whole_and_do_not_depend_on_grouping(tiny_mode
         assert abs(metrics["loss"] - first_metrics["loss"]) < 1e-6
         for name in first_weights:
             torch.testing.assert_close(weights[name], first_weights[name], rtol=1e-5, atol=1e-7)
+
+
+def _scored_table(tmp_path, prompts, completions, ref, ref_kl, labels):
+    """A scored Parquet table as the reference stage writes it, provenance columns included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(prompts)
+    table = pa.table({"prompt_ids": prompts, "completion_ids": completions,
+                      "kl_completion_ids": [completions[(i + 1) % n] for i in range(n)],
+                      "label": labels.tolist(), "ref_logp": ref.tolist(), "ref_kl_logp": ref_kl.tolist(),
+                      "source_file": [f"/data/part-{i % 2}.jsonl" for i in range(n)],
+                      "source_row": [100 + i for i in range(n)]})
+    pq.write_table(table, str(tmp_path / "scored.parquet"))
+    return table, str(tmp_path / "scored.parquet")
+
+
+def test_a_non_finite_loss_or_gradient_stops_the_step_before_the_update_naming_its_rows(tiny_model, tmp_path):
+    """One NaN reference log-prob, one infinite KL reference log-prob, or a NaN gradient under a
+    finite loss: the step raises before the optimizer runs (every weight unchanged), naming the
+    rows at fault; the worker's message names the step and each row's source file and row."""
+    from pipeline.train.step import NonFiniteStep
+    from pipeline.train.worker import non_finite_message
+
+    tokenizer, model, prompts, completions, _ = _model_and_rows(tiny_model, n=6, seed=3)
+    disable_dropout(model)
+    labels = torch.tensor([True, False, True, False, True, False])
+    settings = StepSettings(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto",
+                            pad_token_id=tokenizer.pad_token_id)
+    for case, (ref_row, kl_row, fault_rows) in {"nan reference": (4, None, [4]), "inf kl reference": (None, 1, [1]),
+                                                "nan gradient": (None, None, [0, 1, 2, 3, 4, 5])}.items():
+        ref, ref_kl = torch.full((6,), -20.0), torch.full((6,), -20.0)
+        if ref_row is not None:
+            ref[ref_row] = float("nan")
+        if kl_row is not None:
+            ref_kl[kl_row] = float("inf")
+        table, scored_path = _scored_table(tmp_path, prompts, completions, ref, ref_kl, labels)
+        model.zero_grad(set_to_none=True)  # (a stopped step leaves its gradients; the run would end here)
+        engine = PlainEngine(model, *make_optimizer(model, 1e-2, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
+        hook = next(model.parameters()).register_hook(lambda g: g * float("nan")) if case == "nan gradient" else None
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        batches = [MicroBatch.from_table(table, [0, 1, 2]), MicroBatch.from_table(table, [3, 4, 5])]
+        try:
+            with pytest.raises(NonFiniteStep) as stopped:
+                train_step(engine, batches, settings)
+        finally:
+            if hook:
+                hook.remove()
+        assert stopped.value.rows == fault_rows, case
+        assert stopped.value.what == {"nan reference": "loss", "inf kl reference": "KL estimate",
+                                      "nan gradient": "gradient"}[case], case
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, before[name]), (case, name)  # no update applied
+        assert not engine.optimizer.state, case  # AdamW never stepped
+        message = non_finite_message(stopped.value, step=7, scored_path=scored_path, last_good_step=5)
+        assert "step 7" in message and "checkpoint of step 5 is kept" in message, message
+        for row in fault_rows:
+            assert f"/data/part-{row % 2}.jsonl row {100 + row}" in message, (case, message)
+    # The same rows with finite values train: the check stops nothing that is sound.
+    ref = torch.full((6,), -20.0)
+    model.zero_grad(set_to_none=True)
+    table, _ = _scored_table(tmp_path, prompts, completions, ref, ref.clone(), labels)
+    engine = PlainEngine(model, *make_optimizer(model, 1e-2, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
+    metrics = train_step(engine, [MicroBatch.from_table(table, [0, 1, 2, 3, 4, 5])], settings)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and engine.optimizer.state

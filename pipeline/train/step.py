@@ -9,6 +9,7 @@ become an update (summed by hand, or by DeepSpeed ZeRO) lives in engines.py.
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
-from pipeline.train.engines import all_reduce_max, all_reduce_sum, world_size
+from pipeline.train.engines import all_gather_objects, all_reduce_max, all_reduce_sum, world_size
 from pipeline.train.loss import kto_loss
 
 # The columns of the scored data set that a step reads.
@@ -50,6 +51,7 @@ class MicroBatch:
     labels: torch.Tensor  # bool
     ref_logp: torch.Tensor
     ref_kl_logp: torch.Tensor
+    rows: Optional[list] = None  # the rows' indices in the scored table: what a failed step names
 
     @classmethod
     def from_table(cls, scored, rows: list[int]) -> "MicroBatch":
@@ -61,7 +63,18 @@ class MicroBatch:
                    kl_completion_ids=column("kl_completion_ids"),
                    labels=torch.tensor(column("label"), dtype=torch.bool),
                    ref_logp=torch.tensor(column("ref_logp"), dtype=torch.float32),
-                   ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32))
+                   ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32), rows=list(rows))
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradient is NaN or infinite: raised before the optimizer applies it, on
+    every rank alike (the verdict is all-reduced), so the weights stay those of the last good step.
+    `rows`: the scored-table rows at fault (non-finite inputs or log-probs; else the rows whose
+    loss is not finite; else every row of the step), across all ranks."""
+
+    def __init__(self, what: str, rows: list[int], loss: float, grad_norm: Optional[float] = None):
+        self.what, self.rows, self.loss, self.grad_norm = what, rows, loss, grad_norm
+        super().__init__(f"non-finite {what} (loss {loss}, gradient norm {grad_norm}) from rows {rows[:20]}")
 
 
 def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int,
@@ -97,6 +110,7 @@ def _concatenated(micro_batches: list[MicroBatch]) -> MicroBatch:
     """This rank's rows of a step laid end to end (a rank may hold none: a last partial batch
     smaller than the worker count)."""
     return MicroBatch(
+        rows=[r for mb in micro_batches for r in (mb.rows or [None] * len(mb.prompt_ids))],
         prompt_ids=[p for mb in micro_batches for p in mb.prompt_ids],
         completion_ids=[c for mb in micro_batches for c in mb.completion_ids],
         kl_completion_ids=[c for mb in micro_batches for c in mb.kl_completion_ids],
@@ -154,6 +168,8 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
     model = engine.module
     device = _device(engine)
     rows = _concatenated(micro_batches)
+    faulty = ~torch.isfinite(rows.ref_logp)  # rows whose inputs or log-probs are NaN / inf
+    loss_not_finite = torch.zeros(len(rows.prompt_ids), dtype=torch.bool)
 
     if s.loss_type == "apo_zero_unpaired":  # no reference point: no KL forward (as TRL); kl reads 0
         kl_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -161,6 +177,7 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
         kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
         kl_logps = logps_without_grad(engine, rows.prompt_ids, rows.kl_completion_ids, kl_groups, s.pad_token_id)
         kl_sum = (kl_logps - rows.ref_kl_logp.to(device)).double().sum()
+        faulty |= ~torch.isfinite(kl_logps.cpu() - rows.ref_kl_logp)
     kl_totals = torch.stack([kl_sum, torch.tensor(float(len(rows.prompt_ids)), dtype=torch.float64, device=device)])
     all_reduce_sum(kl_totals)
     global_rows = kl_totals[1].clamp(min=1)
@@ -184,6 +201,8 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
                               undesirable_weight=s.undesirable_weight, loss_type=s.loss_type)
             if backward:
                 engine.backward(losses.sum() / global_rows.float())
+            faulty[group] |= ~torch.isfinite(logps.detach().cpu())
+            loss_not_finite[group] = ~torch.isfinite(losses.detach().cpu())
             ratios = (logps - ref_logp).detach()
             rewards = (s.beta * ratios).double()
             chosen = labels.double()
@@ -217,16 +236,47 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
         "accuracy": right / global_rows.item(),
         "num_tokens": int(tokens),
         "examples": int(kl_totals[1].item()),
+        "_rows_at_fault": (_named(rows.rows, faulty), _named(rows.rows, loss_not_finite), list(rows.rows)),
     }
 
 
+def _named(rows: list, mask: torch.Tensor) -> list:
+    return [row for row, bad in zip(rows, mask.tolist()) if bad]
+
+
 def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict:
-    """One optimizer step over a global batch; returns its globally aggregated metrics."""
+    """One optimizer step over a global batch; returns its globally aggregated metrics. A NaN or
+    infinite loss or gradient raises NonFiniteStep before the update: one bad row (a NaN reference
+    log-prob) would otherwise turn every weight into NaN, and every later checkpoint with it."""
     metrics = _kto_pass(engine, micro_batches, s, backward=True)
     metrics.pop("accuracy")  # (of the weights before this step's update; eval reports it)
+    at_fault = metrics.pop("_rows_at_fault")
+    local_grads_finite = _gradients_finite(engine.module)
+    verdict = all_reduce_sum(torch.tensor([float(not local_grads_finite)], device=_device(engine)))
+    values = {"loss": metrics["loss"], "KL estimate": metrics["kl_unclamped"]}  # (an infinite one clamps to 0)
+    not_finite = [name for name, value in values.items() if not math.isfinite(value)]
+    if not_finite or verdict.item():
+        _stop(at_fault, " and ".join(not_finite) or "gradient", metrics["loss"])
     metrics["learning_rate"] = engine.learning_rate()
     metrics["grad_norm"] = engine.step()
+    if not math.isfinite(metrics["grad_norm"]):  # an engine whose gradients only it sees (DeepSpeed)
+        _stop(at_fault, "gradient", metrics["loss"], metrics["grad_norm"])
     return metrics
+
+
+def _gradients_finite(model: torch.nn.Module) -> bool:
+    """Whether this rank's gradients are all finite (one reduction, one device sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
+
+
+def _stop(at_fault: tuple, what: str, loss: float, grad_norm: Optional[float] = None) -> None:
+    """Raise NonFiniteStep naming the rows at fault on every rank (a collective)."""
+    everyone = all_gather_objects(at_fault)
+    for kind in range(3):  # faulty inputs or log-probs, else non-finite losses, else the whole step
+        rows = sorted(row for rank_rows in everyone for row in rank_rows[kind] if row is not None)
+        if rows or kind == 2:
+            raise NonFiniteStep(what, rows, loss, grad_norm)
 
 
 EVAL_METRICS = ("loss", "kl", "kl_unclamped", "rewards/chosen", "rewards/rejected", "rewards/margins", "accuracy",

@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Config
-from pipeline.fit import WorkerPlan
+from pipeline.fit import WorkerPlan, checkpoint_storage
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.train import checkpoint, drift
 from pipeline.train.checkpoint import TrainerState
 from pipeline.train.engines import all_gather_objects, build_engine, deepspeed_settings, skip_deepspeed_shm_build
 from pipeline.train.held_out import HeldOut
-from pipeline.train.step import SCORED_COLUMNS, MicroBatch, StepSettings, train_step
+from pipeline.train.step import SCORED_COLUMNS, MicroBatch, NonFiniteStep, StepSettings, train_step
 from pipeline.train.trackers import MetricsLog, peak_rss_mib
 
 
@@ -69,10 +69,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and state.step:
         print(f"resuming from the checkpoint of step {state.step} of {total_steps}", flush=True)
 
+    saved_step = state.step  # the latest checkpoint's: the one a stopped run keeps
     for step in range(state.step, total_steps):
         micro_batches = [MicroBatch.from_table(scored, rows) for rows in plan_of_steps[step] if rows]
         started = time.perf_counter()
-        metrics = {"step": step + 1, **train_step(engine, micro_batches, settings)}
+        try:
+            metrics = {"step": step + 1, **train_step(engine, micro_batches, settings)}
+        except NonFiniteStep as error:  # every rank alike: no update was applied, no checkpoint is written
+            if rank == 0:
+                write_stop(config, non_finite_message(error, step + 1, plan.scored_path, saved_step))
+            if log:
+                log.close()
+            return
         metrics["step_time_s"] = round(time.perf_counter() - started, 3)
         metrics["peak_rss_mib"] = peak_rss_mib()
         state.step = done = step + 1
@@ -88,8 +96,40 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if last or (t.save_steps and done % t.save_steps == 0):
             checkpoint.save(engine, state, history, metrics, rank, tokenizer,
                             merge_adapters=last and bool(config.lora.r) and config.lora.save_merged)
+            saved_step = done
     if log:
         log.close()
+
+
+# The file, in the run's checkpoint folder (checkpoint_storage), by which the workers stop a run
+# that must not go on: fit.py reads it once Ray Train returns and stops with its message (exit 3).
+# Raising instead would make Ray Train restart the workers scaling.max_failures times (forever
+# with -1), each restart failing at the same step: the failure is in the data, not the machine.
+STOP_FILE = "stopped.json"
+
+
+def non_finite_message(error: NonFiniteStep, step: int, scored_path: str, last_good_step: int,
+                       shown: int = 10) -> str:
+    """What the user reads: the step, and the rows at fault by their source file and row."""
+    sources = pq.read_table(scored_path, columns=["source_file", "source_row"]).take(error.rows[:shown])
+    named = ", ".join(f"{file} row {row}" for file, row in zip(sources.column("source_file").to_pylist(),
+                                                               sources.column("source_row").to_pylist()))
+    more = f" and {len(error.rows) - shown} more" if len(error.rows) > shown else ""
+    kept = (f"the checkpoint of step {last_good_step} is kept" if last_good_step else "no checkpoint was written")
+    return (f"training stopped at step {step}: its {error.what} is not finite (loss {error.loss:.6g}"
+            + (f", gradient norm {error.grad_norm:.6g}" if error.grad_norm is not None else "")
+            + f"), before the update was applied; {kept}. Rows at fault: {named}{more}. A NaN or infinite "
+            "reference log-prob (a reference cache written by another engine or dtype) or a policy that overflows "
+            "on these rows: check them, clear reference.cache_dir, or lower training.learning_rate")
+
+
+def write_stop(config: Config, message: str) -> None:
+    """Rank 0 leaves the run's reason to stop where the driver looks for it."""
+    filesystem, folder, _ = checkpoint_storage(config)
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(f"{folder}/{STOP_FILE}") as out:
+        out.write(json.dumps({"error": message}).encode())
+    print(f"error: {message}", flush=True)
 
 
 def _quiet_reports(level: int) -> None:
