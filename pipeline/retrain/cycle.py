@@ -1,7 +1,8 @@
 """One retraining cycle (`launch.py retrain`), safe to call from any scheduler:
 
-    lock -> repair from the ledger -> ledger row -> survey the feedback (sealed, new, quarantined)
-         -> train from the promoted model -> held-out gate -> ONE COMMIT: decision + consumed files
+    lock -> ledger row -> repair from the ledger -> survey the feedback (pipeline/retrain/partitions.py:
+         sealed, new, quarantined) -> train from the promoted model -> held-out gate
+         -> ONE COMMIT: the decision and the consumed files
          -> switch `current`, prune (repairable: the next cycle redoes them from the ledger)
 
 The ledger (pipeline/retrain/ledger.py) decides what is new: a file is consumed only when a cycle

@@ -117,21 +117,30 @@ def list_partitions(root: str) -> list[Partition]:
 
 
 def _walk(root: str, folder: str, partition: Partition) -> None:
-    """os.walk never descends into a symlinked folder; those are recorded as links here."""
-    for here, folders, names in os.walk(folder):
-        partition.last_change_ns = max(partition.last_change_ns, os.lstat(here).st_mtime_ns)
+    """os.walk never descends into a symlinked folder; those are recorded as links here. A folder
+    that cannot be listed is recorded too (never a silent drop), and an entry that vanishes while
+    listed counts as a change now (a writer is busy)."""
+    def unlistable(error: OSError) -> None:
+        partition.links.append(FeedbackFile(os.path.relpath(error.filename, root), partition.name, error.filename, 0,
+                                            0, f"<a folder that cannot be listed: {error.strerror}>"))
+
+    for here, folders, names in os.walk(folder, onerror=unlistable):
         hidden = here != folder and any(p.startswith((".", "_")) for p in os.path.relpath(here, folder).split(os.sep))
-        for name in folders:
-            if os.path.islink(os.path.join(here, name)) and not hidden and not name.startswith((".", "_")):
-                _add(root, os.path.join(here, name), partition, os.lstat(os.path.join(here, name)))
-        for name in names:
+        for name in [*folders, *names]:
             path = os.path.join(here, name)
-            info = os.lstat(path)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                partition.last_change_ns = max(partition.last_change_ns, time.time_ns())
+                continue
             partition.last_change_ns = max(partition.last_change_ns, info.st_mtime_ns)
             if here == folder and name == MARKER:
                 partition.marker_ns = info.st_mtime_ns
-            elif not hidden and not name.startswith((".", "_")) and name.endswith(FEEDBACK_SUFFIXES):
+            elif hidden or name.startswith((".", "_")) or (name in folders and not stat.S_ISLNK(info.st_mode)):
+                continue
+            elif name.endswith(FEEDBACK_SUFFIXES) or (stat.S_ISLNK(info.st_mode) and name in folders):
                 _add(root, path, partition, info)
+    partition.last_change_ns = max(partition.last_change_ns, os.lstat(folder).st_mtime_ns)
 
 
 def _add(root: str, path: str, partition: Partition, info: os.stat_result) -> None:
@@ -234,7 +243,7 @@ def _sort_unreadable(file: FeedbackFile, reason: str, consumed: dict, quarantine
 
 def link_reason(file: FeedbackFile, root: str) -> str:
     if file.link.startswith("<"):
-        return f"{file.link[1:-1]}; only regular files are read"
+        return f"{file.link[1:-1]}; only regular files in readable folders are read"
     target = os.path.realpath(file.path)
     inside = _inside(target, os.path.realpath(root))
     where = ("inside the feedback root: its target is read under its own name" if inside else
