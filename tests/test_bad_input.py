@@ -70,7 +70,7 @@ def test_json_lines_stream_in_bounded_chunks_and_a_gzip_bomb_line_is_skipped_unr
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 24 << 20, peak  # the file inflates to 70 MB
+    assert peak < 8 << 20, peak  # the file inflates to 70 MB (measured: 3.2 MB)
     texts = [text for chunk in chunks for text in chunk.column("kto_json").to_pylist()]
     assert len(texts) == 20_002 and texts[1] is None and texts[0] == texts[2] == row
     assert max(chunk.num_rows for chunk in chunks) == CHUNK_ROWS
@@ -81,6 +81,9 @@ def test_a_json_array_streams_element_by_element_and_a_broken_one_names_the_file
     whole = tmp_path / "rows.json"
     whole.write_text(json.dumps(rows, indent=1))
     assert [json.loads(text) for text in rows_of(str(whole), row_limit(1000))] == rows
+    with gzip.open(tmp_path / "rows.json.gz", "wt", encoding="utf-8-sig") as f:  # with a byte-order mark
+        f.write(json.dumps(rows[:3]))
+    assert [json.loads(text) for text in rows_of(str(tmp_path / "rows.json.gz"), row_limit(1000))] == rows[:3]
 
     truncated = tmp_path / "half-uploaded.json"
     truncated.write_text(whole.read_text()[:-300])

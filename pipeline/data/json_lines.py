@@ -37,14 +37,14 @@ def row_limit(max_text_chars: int) -> int:
 
 def open_binary(path: str) -> BinaryIO:
     """The file's bytes, decompressed on the fly (gzip inflates chunk by chunk, never the whole file)."""
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=_READ_BYTES)
 
 
 def rows_of(path: str, limit: int) -> Iterator[Optional[bytes]]:
     """Each row's JSON text (None: a line over `limit` bytes, skipped unread)."""
     with open_binary(path) as stream:
         try:
-            head = stream.peek(64).lstrip()[:1] if hasattr(stream, "peek") else b""
+            head = stream.peek(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]  # (a UTF-8 byte-order mark, whitespace)
             if head == b"[":
                 yield from _array_elements(stream, path, limit)
             else:
@@ -70,7 +70,7 @@ def _lines(stream: BinaryIO, limit: int) -> Iterator[Optional[bytes]]:
 def _array_elements(stream: BinaryIO, path: str, limit: int) -> Iterator[bytes]:
     """The elements of a top-level JSON array, each as its own JSON text. The buffer holds what is
     not yet consumed: at most one element and a read ahead."""
-    text = io.TextIOWrapper(stream, encoding="utf-8")
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig")
     decoder = json.JSONDecoder()
     buffer, pos, index, exhausted = "", 0, 0, False
 

@@ -73,7 +73,11 @@ def _walk_feedback_files(root: str) -> list[str]:
     """The feedback files under `root`, sorted; directory symlinks are not entered."""
     real_root = os.path.realpath(root)
     files = []
-    for folder, subfolders, names in os.walk(root, followlinks=False):
+    def unreadable(error: OSError):
+        raise DataError(f"{error.filename}: cannot be listed ({error.strerror}); its files would be left out "
+                        "unseen: fix its permissions, or move it out of data.path")
+
+    for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=False):
         subfolders.sort()
         for name in names:
             file = os.path.join(folder, name)
