@@ -9,12 +9,13 @@ import os
 import tracemalloc
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import launch_here
 from pipeline.data.formats import DataError
-from pipeline.data.json_lines import CHUNK_ROWS, read_chunks, row_limit, rows_of
+from pipeline.data.json_lines import CHUNK_ROWS, original_columns, read_chunks, row_limit, rows_of
 from pipeline.data.stage import DataSettings, list_input_files
 from pipeline.data.tokenize import tokenize_batch
 from test_formats import run_stage, write_jsonl
@@ -142,6 +143,12 @@ def test_label_types_that_change_between_raw_chunks_are_per_row_verdicts(tmp_pat
         "", "", "unknown_label", "unknown_label", "", "malformed_json"]
     assert [v for out in outs for v in out.column("kto_label").to_pylist()] == [True, True, None, None, False, None]
     assert outs[0].schema == outs[1].schema
+    # The quarantine shows each row as the file held it: a column of mixed types as JSON text, a
+    # line that is not JSON as its text.
+    every = pa.concat_tables(outs)
+    quarantined = original_columns(every.filter(pc.not_equal(every.column("reason"), "")))
+    assert quarantined.column("label").to_pylist() == ["meh", "1.0", None]
+    assert quarantined.column("raw_json").to_pylist() == [None, None, '{"prompt": "what is an owl?", "completion": "a bi\n']
 
 
 def test_json_label_types_changing_across_blocks_quarantine_rows(tmp_path, tiny_model, ray_local):

@@ -180,6 +180,26 @@ def rows_table(rows: list[Optional[dict]], required: tuple[str, ...]) -> pa.Tabl
     return pa.table(columns)
 
 
+def original_columns(rejected: pa.Table) -> pa.Table:
+    """Quarantined JSON rows with their own columns in place of their raw text; a row that is not
+    a JSON object keeps its text (`raw_json`, UTF-8 errors replaced) so that the quarantine shows
+    what the file held."""
+    if "kto_json" not in rejected.column_names:
+        return rejected
+    texts = rejected.column("kto_json").to_pylist()
+    rows, reasons = parse_rows(texts)
+    own = rows_table(rows, ())
+    rest = rejected.drop_columns(["kto_json"])
+    for name in own.column_names:
+        if name not in rest.column_names:
+            rest = rest.append_column(name, own.column(name))
+    if any(reasons):
+        raw = [text.decode("utf-8", "replace") if reason and text is not None else None
+               for text, reason in zip(texts, reasons)]
+        rest = rest.append_column("raw_json", pa.array(raw, pa.large_string()))
+    return rest
+
+
 def sample_schema(path: str, limit: int, rows: int = 1000) -> pa.Schema:
     """The columns and types of the file's first rows, for the checks at start-up."""
     texts = []

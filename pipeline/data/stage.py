@@ -22,7 +22,7 @@ from pipeline.cluster import use_ray_data_settings
 from pipeline.console import bar
 from pipeline.data.formats import (FEEDBACK_SUFFIXES, JSON_SUFFIXES, PAIRED_FORMATS, DataError, check_types,
                                    detect_format)
-from pipeline.data.json_lines import parse_rows, read_chunks, row_limit, rows_table, sample_schema
+from pipeline.data.json_lines import original_columns, read_chunks, row_limit, sample_schema
 from pipeline.data.pairing import KLPairer
 from pipeline.data.tokenize import ADDED_COLUMNS, tokenize_batch
 
@@ -274,19 +274,6 @@ def _mark_duplicates(batch: pa.Table, seen: set) -> pa.Table:
     return batch.set_column(batch.column_names.index("reason"), "reason", pa.array(reasons, pa.string()))
 
 
-def _original_columns(rejected: pa.Table) -> pa.Table:
-    """Quarantined JSON rows with their own columns in place of their raw text (json_lines.py)."""
-    if "kto_json" not in rejected.column_names:
-        return rejected
-    rows, _ = parse_rows(rejected.column("kto_json").to_pylist())
-    own = rows_table(rows, ())
-    rest = rejected.drop_columns(["kto_json"])
-    for name in own.column_names:
-        if name not in rest.column_names:
-            rest = rest.append_column(name, own.column(name))
-    return rest
-
-
 def _blocks(dataset: "ray.data.Dataset"):
     """The dataset's blocks in read order. An error a task raised on purpose (a DataError naming
     the file: a truncated JSON array) reaches the user as its own message, not as Ray's traceback."""
@@ -321,7 +308,7 @@ def process_feedback(path: str, settings: DataSettings, out_dir: str) -> dict:
             batch = _mark_duplicates(batch, seen)
         is_bad = pc.not_equal(batch.column("reason"), "")
         bad = batch.filter(is_bad)
-        rejected.write(_original_columns(bad.drop_columns([c for c in ADDED_COLUMNS if c not in ("reason",)] + (
+        rejected.write(original_columns(bad.drop_columns([c for c in ADDED_COLUMNS if c not in ("reason",)] + (
             ["pair_id"] if fmt in PAIRED_FORMATS else []))))
         reasons.update(bad.column("reason").to_pylist())
         kept = batch.filter(pc.invert(is_bad))
