@@ -100,7 +100,7 @@ class Exit(enum.IntEnum):
     OK = 0
     NOT_TRAINABLE = 1  # validate: the data cannot train; submit --follow / logs --follow: the job did not succeed
     BAD_INPUT = 2  # a config, data, drift or job-command error; the message on stderr says what to change
-    TRAINING_FAILED = 3  # train / retrain: a worker kept failing after scaling.max_failures restarts
+    TRAINING_FAILED = 3  # train / retrain: a worker kept failing after scaling.max_failures restarts, or a NaN / inf stopped it
     LOCK_HELD = 75  # retrain: another cycle holds the registry's lock, or took it over from this one (EX_TEMPFAIL)
     STOPPED = 143  # retrain: stopped by SIGTERM (128 + 15); the cycle is recorded as failed
 
@@ -138,11 +138,15 @@ def overrides(args: argparse.Namespace) -> tuple[str, ...]:
 def train(args) -> int:
     from ray.train import TrainingFailedError
 
+    from pipeline.fit import TrainingStopped
     from pipeline.run import train as run_train
 
     config = load(args)
     try:
         summary = run_train(config)
+    except TrainingStopped as error:  # the workers stopped it: a NaN or inf they named (no retry would help)
+        print(f"error: {error}", file=sys.stderr)
+        return Exit.TRAINING_FAILED
     except TrainingFailedError as error:  # a worker kept failing: its traceback is in the error
         print(f"error: training failed (scaling.max_failures = {config.scaling.max_failures} restarts "
               f"allowed): {error}\nThe checkpoints so far are kept: run the same command again to continue "
@@ -202,6 +206,7 @@ def retrain(args) -> int:
     from ray.train import TrainingFailedError
 
     from pipeline.retrain.cycle import Interrupted, retrain as run_cycle
+    from pipeline.fit import TrainingStopped
     from pipeline.retrain.lock import LockHeld, LockLost
 
     config = load(args)
@@ -214,6 +219,10 @@ def retrain(args) -> int:
         print(f"error: {error}. The cycle is recorded as failed unless its decision was already committed "
               "(see `launch.py history`)", file=sys.stderr)
         return Exit.LOCK_HELD
+    except TrainingStopped as error:
+        print(f"error: {error}\nThe cycle is recorded as failed; its partitions stay for the next one.",
+              file=sys.stderr)
+        return Exit.TRAINING_FAILED
     except TrainingFailedError as error:
         print(f"error: the cycle's training failed (scaling.max_failures = {config.scaling.max_failures} restarts "
               f"allowed): {error}\nThe cycle is recorded as failed; its partitions stay for the next one.",

@@ -25,6 +25,40 @@ from pipeline.train.checkpoint import TrainerState
 log = logging.getLogger("kto")
 
 
+# The file, in the run's checkpoint folder (checkpoint_storage), by which the workers stop a run
+# that must not go on: the driver reads it once Ray Train returns and stops with its message (exit 3).
+# Raising instead would make Ray Train restart the workers scaling.max_failures times (forever
+# with -1), each restart failing at the same step: the failure is in the data, not the machine.
+STOP_FILE = "stopped.json"
+
+
+class TrainingStopped(RuntimeError):
+    """The workers stopped the run on purpose before applying an update (a NaN or infinite loss or
+    gradient, pipeline/train/step.py); the last good checkpoint is kept. A restart would fail at the
+    same step, so it is not retried: launch.py exits 3 with the message."""
+
+
+def write_stop(config: Config, message: str) -> None:
+    """Rank 0 leaves the run's reason to stop where the driver looks for it."""
+    filesystem, folder, _ = checkpoint_storage(config)
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(f"{folder}/{STOP_FILE}") as out:
+        out.write(json.dumps({"error": message}).encode())
+    print(f"error: {message}", flush=True)
+
+
+def take_stop(config: Config) -> Optional[str]:
+    """The workers' reason to stop the run, if they left one; removed once read."""
+    filesystem, folder, _ = checkpoint_storage(config)
+    path = f"{folder}/{STOP_FILE}"
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as source:
+        message = json.loads(source.read())["error"]
+    filesystem.delete_file(path)
+    return message
+
+
 class DriftError(RuntimeError):
     """The cached reference log-probs are too far from the trainer's own at step 0 (the workers'
     check, pipeline/train/drift.py, stops before any update and says by how much)."""
@@ -210,11 +244,15 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
                              checkpoint_config=CheckpointConfig(num_to_keep=t.save_total_limit or None),
                              logging_config=LoggingConfig(log_level=logging.getLevelName(ray_log_level()))),
     )
+    take_stop(config)  # (a stop left by an earlier attempt is not this one's)
     started = time.time()
     with StepProgress(config.run_dir, total_steps):
         result = trainer.fit()
     elapsed = time.time() - started
     check_owner(config, *checkpoint_storage(config)[:2], run_identity(config))  # still ours: a result to deliver
+    stopped = take_stop(config)
+    if stopped:
+        raise TrainingStopped(stopped)
     state = checkpoint.read_state(result.checkpoint)
     if state.step0_drift and "error" in state.step0_drift:  # the workers stopped before any update
         delete_checkpoints(config)  # nothing was trained: a corrected run starts afresh

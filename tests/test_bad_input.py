@@ -177,8 +177,6 @@ def test_validate_names_a_parquet_file_that_holds_no_rows(tmp_path, tiny_model, 
     assert f"error: {empty} holds no rows" in result.stderr and "Errno" not in result.stderr
 
 
-@pytest.mark.skipif(not hasattr(__import__("pipeline.fit").fit, "TrainingStopped"),
-                    reason="needs pipeline/fit.py to read the workers' stop file (issue 16, item 10)")
 def test_a_nan_reference_log_prob_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(
         tmp_path, tiny_model, ray_local):
     """Through launch.py, 2 workers: the scored cache's row 5 (step 2 of sequential batches of 4)

@@ -16,7 +16,7 @@ def data_settings(config: Config, tokenizer_path: str) -> DataSettings:
     d, k = config.data, config.kto
     return DataSettings(tokenizer_path=tokenizer_path, max_length=k.max_length, max_prompt_length=k.max_prompt_length,
                         kl_block_size=d.kl_block_size, format=d.format, label_map=dict(d.label_map),
-                        prompt_delimiter=d.prompt_delimiter, deduplicate=d.deduplicate,
+                        prompt_delimiter=d.prompt_delimiter, deduplicate=d.deduplicate, max_text_chars=d.max_text_chars,
                         trust_remote_code=config.model.trust_remote_code,
                         held_out_fraction=0.0 if config.eval.path else config.eval.split_fraction,
                         allow_control_tokens=d.allow_control_tokens)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Config
-from pipeline.fit import WorkerPlan, checkpoint_storage
+from pipeline.fit import WorkerPlan, write_stop
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.train import checkpoint, drift
 from pipeline.train.checkpoint import TrainerState
@@ -42,6 +42,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = _device(config.scaling.use_gpu, context.get_local_rank())
     _record_worker(config.run_dir, rank)
 
+    # checked by the driver before training (stages._score -> cache.check_table), in a 0700 folder
     scored = pq.read_table(plan.scored_path, columns=list(SCORED_COLUMNS))
     plan_of_steps = rank_micro_batches(pq.read_table(plan.schedule_path), rank, t.per_device_train_batch_size,
                                        t.gradient_accumulation_steps)
@@ -101,13 +102,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.close()
 
 
-# The file, in the run's checkpoint folder (checkpoint_storage), by which the workers stop a run
-# that must not go on: fit.py reads it once Ray Train returns and stops with its message (exit 3).
-# Raising instead would make Ray Train restart the workers scaling.max_failures times (forever
-# with -1), each restart failing at the same step: the failure is in the data, not the machine.
-STOP_FILE = "stopped.json"
-
-
 def non_finite_message(error: NonFiniteStep, step: int, scored_path: str, last_good_step: int,
                        shown: int = 10) -> str:
     """What the user reads: the step, and the rows at fault by their source file and row."""
@@ -121,15 +115,6 @@ def non_finite_message(error: NonFiniteStep, step: int, scored_path: str, last_g
             + f"), before the update was applied; {kept}. Rows at fault: {named}{more}. A NaN or infinite "
             "reference log-prob (a reference cache written by another engine or dtype) or a policy that overflows "
             "on these rows: check them, clear reference.cache_dir, or lower training.learning_rate")
-
-
-def write_stop(config: Config, message: str) -> None:
-    """Rank 0 leaves the run's reason to stop where the driver looks for it."""
-    filesystem, folder, _ = checkpoint_storage(config)
-    filesystem.create_dir(folder, recursive=True)
-    with filesystem.open_output_stream(f"{folder}/{STOP_FILE}") as out:
-        out.write(json.dumps({"error": message}).encode())
-    print(f"error: {message}", flush=True)
 
 
 def _quiet_reports(level: int) -> None:
