@@ -468,6 +468,8 @@ def test_a_registry_loses_no_feedback_whichever_phase_a_cycle_is_killed_in(regis
     first = cycles[2]
     assert [c["status"] for c in cycles] == ["failed", "failed", "promoted"] and "died" in cycles[1]["reason"]
     assert consumed == {"date=2026-11-20/part-0.parquet": 3} and not os.path.lexists(current)
+    # The feedback that the cycle killed during training had staged (hard links) went at this cycle's start.
+    assert os.listdir(tmp_path / "registry" / "cycles" / "cycle-000002" / "feedback") == []
 
     # 4. Late files in the consumed partition (the writer seals it again) and a new partition; the cycle
     # repairs `current` first, is rejected by the gate, and a SIGTERM after its commit changes nothing.

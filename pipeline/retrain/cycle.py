@@ -35,7 +35,7 @@ from pipeline.retrain.history import decoded
 from pipeline.retrain.ledger import Ledger
 from pipeline.retrain.lock import RetrainLock
 from pipeline.retrain.partitions import survey
-from pipeline.retrain.registry import point_current, prune, remove_staging_leftovers, staging_name
+from pipeline.retrain.registry import point_current, prune, remove_staging_leftovers, staging_name, unstage_feedback
 
 log = logging.getLogger("kto")
 CHANCE = 0.5  # the accuracy baseline when the start model is its own reference (its rewards are all 0)
@@ -153,7 +153,8 @@ def _train(config: Config, cycle_config: Config) -> dict:
         delete_checkpoints(cycle_config)  # its model folder holds the result; no later cycle resumes this run
         return summary
     finally:
-        _unstage_feedback(cycle_config.data.path)
+        if os.path.isdir(cycle_config.data.path):
+            unstage_feedback(cycle_config.data.path)
 
 
 def _after_decision(registry: str, ledger: Ledger, cycle_id: int, keep: int) -> dict:
@@ -278,18 +279,6 @@ def _stage_feedback(run_dir: str, files: list, replay: tuple[list[str], int], se
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return data_dir
-
-
-def _unstage_feedback(data_dir: str) -> None:
-    """After training: the staged feedback goes (a file deleted from the feedback root must not
-    live on in a cycle's folder); the replay sample stays, as a record of what was replayed."""
-    for name in os.listdir(data_dir) if os.path.isdir(data_dir) else []:
-        if name != "replay":
-            path = os.path.join(data_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
 
 
 def _sample_replay(files: list[str], rows: int, seed: int, target: str) -> None:

@@ -44,7 +44,8 @@ def point_current(registry_dir: str, model_path: str) -> None:
 
 
 def remove_staging_leftovers(registry_dir: str) -> list[str]:
-    """Staging files of killed cycles. Only the lock holder calls this, so none is in use."""
+    """Staging files of killed cycles, and the feedback a killed cycle staged for its training.
+    Only the lock holder calls this, before staging its own, so none is in use."""
     leftovers = glob.glob(os.path.join(registry_dir, f"current{STAGING}*")) + glob.glob(
         os.path.join(registry_dir, "cycles", "cycle-*", f"feedback{STAGING}*"))
     for path in leftovers:
@@ -52,7 +53,22 @@ def remove_staging_leftovers(registry_dir: str) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
+    for data_dir in glob.glob(os.path.join(registry_dir, "cycles", "cycle-*", "feedback")):
+        leftovers += unstage_feedback(data_dir)
     return leftovers
+
+
+def unstage_feedback(data_dir: str) -> list[str]:
+    """A cycle's staged feedback files go once it has trained (a file deleted from the feedback
+    root must not live on in a cycle's folder); the replay sample stays, as a record of what was
+    replayed."""
+    removed = [os.path.join(data_dir, name) for name in os.listdir(data_dir) if name != "replay"]
+    for path in removed:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    return removed
 
 
 def prune(cycles: list[dict], current: str, keep: int, after_each: Callable[[], None] = lambda: None) -> list[str]:
