@@ -40,10 +40,14 @@ SHARED_CACHE = os.path.join(tempfile.mkdtemp(prefix="kto-tests-cache-"), "refere
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that uses the session's Ray is in the slow tier (the others mark themselves)."""
+    """Every test that uses the session's Ray is in the slow tier (the others mark themselves).
+    Under pytest-xdist (`-n 2 --dist loadgroup`), a file's tests run in one process (its module
+    fixtures are built once), and the files that compare with the session's reference runs share one."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        shared = "reference_runs" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("reference_runs" if shared else item.location[0]))
 
 
 @pytest.fixture(scope="session")
