@@ -24,6 +24,8 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
+from pipeline.cache import staging_name, sync_folder_of, sync_tree
+
 MODEL, MERGED, METRICS, STATE, RNG = "model", "merged", "metrics.jsonl", "trainer_state.json", "rng.pt"
 
 
@@ -115,15 +117,33 @@ def read_state(checkpoint) -> TrainerState:
 
 def copy_results(checkpoint, run_dir: str) -> None:
     """The driver's part: the last checkpoint's model/ (and merged/), and metrics.jsonl, copied into
-    the run directory from wherever the checkpoints live."""
+    the run directory from wherever the checkpoints live. Each is copied beside its place (a staging
+    name of this host and process), synced to disk, then renamed into place: a crash never leaves a
+    half-copied model that looks whole (the checkpoint stays; the same command copies it again)."""
     filesystem, root = checkpoint.filesystem, checkpoint.path
     for name in (MODEL, MERGED):
         target = os.path.join(run_dir, name)
-        shutil.rmtree(target, ignore_errors=True)
-        if filesystem.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory:
-            os.makedirs(target)
-            pafs.copy_files(f"{root}/{name}", target, source_filesystem=filesystem,
+        if filesystem.get_file_info(f"{root}/{name}").type != pafs.FileType.Directory:
+            shutil.rmtree(target, ignore_errors=True)
+            continue
+        staging = staging_name(target)
+        try:
+            os.makedirs(staging)
+            pafs.copy_files(f"{root}/{name}", staging, source_filesystem=filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
-    with filesystem.open_input_stream(f"{root}/{METRICS}") as source, \
-            open(os.path.join(run_dir, METRICS), "wb") as target:
-        target.write(source.read())
+            sync_tree(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # (gone already once renamed)
+    target = os.path.join(run_dir, METRICS)
+    staging = staging_name(target)
+    try:
+        with filesystem.open_input_stream(f"{root}/{METRICS}") as source, open(staging, "wb") as out:
+            out.write(source.read())
+        sync_tree(staging)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    sync_folder_of(target)
