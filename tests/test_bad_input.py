@@ -16,7 +16,8 @@ import pytest
 from conftest import launch_here
 from pipeline.data.formats import DataError
 from pipeline.data.json_lines import CHUNK_ROWS, original_columns, read_chunks, row_limit, rows_of
-from pipeline.data.stage import DataSettings, list_input_files
+from pipeline.data.inputs import list_input_files
+from pipeline.data.stage import DataSettings
 from pipeline.data.tokenize import tokenize_batch
 from test_formats import run_stage, write_jsonl
 

@@ -8,7 +8,8 @@ from dataclasses import asdict
 
 from pipeline.config import Config
 from pipeline.data.formats import DataError
-from pipeline.data.stage import DataSettings, list_input_files, process_feedback
+from pipeline.data.inputs import list_input_files
+from pipeline.data.stage import DataSettings, process_feedback
 from pipeline.cache import check_folder, fingerprint, private_folder, staging_name, sync_folder_of, sync_tree
 
 
