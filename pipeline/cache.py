@@ -152,10 +152,13 @@ def private_folder(path: str) -> str:
     return path
 
 
+STAGING = ".tmp-"  # <target>.tmp-<host>-<pid>: what a writer killed before its rename leaves
+
+
 def staging_name(target: str) -> str:
     """Where `target` is written before its rename: beside it, named by host and pid, so that two
     processes, on one host or on two that share the volume, never write the same staging path."""
-    return f"{target}.tmp-{socket.gethostname()}-{os.getpid()}"
+    return f"{target}{STAGING}{socket.gethostname()}-{os.getpid()}"
 
 
 def publish_folder(target: str, write: Callable[[str], None]) -> None:

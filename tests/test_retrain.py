@@ -524,7 +524,7 @@ def test_a_registry_loses_no_feedback_whichever_phase_a_cycle_is_killed_in(regis
     # `current` is the ledger's promoted model; pruning finished: only it is kept (keep_models 1).
     assert os.path.realpath(current) == second["model_path"]
     assert [c["id"] for c in cycles if c["model_path"] and os.path.isdir(c["model_path"])] == [5]
-    assert not [p for p in os.listdir(tmp_path / "registry") if ".new-" in p]
+    assert not [p for p in os.listdir(tmp_path / "registry") if ".tmp-" in p]
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(current)).num_parameters() > 0

@@ -29,13 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache import staging_name
 from pipeline.config import Config, ConfigError
 from pipeline.models import local_model_path, resolve_model_path
 from pipeline.retrain.history import decoded
 from pipeline.retrain.ledger import Ledger
 from pipeline.retrain.lock import RetrainLock
 from pipeline.retrain.partitions import survey
-from pipeline.retrain.registry import point_current, prune, remove_staging_leftovers, staging_name, unstage_feedback
+from pipeline.retrain.registry import point_current, prune, remove_staging_leftovers, unstage_feedback
 
 log = logging.getLogger("kto")
 CHANCE = 0.5  # the accuracy baseline when the start model is its own reference (its rewards are all 0)

@@ -14,15 +14,9 @@ killed between its ledger commit and these steps is finished by the next one.
 import glob
 import os
 import shutil
-import socket
 from typing import Callable
 
-STAGING = ".new-"  # current.new-<host>-<pid>, cycles/cycle-N/feedback.new-<host>-<pid>
-
-
-def staging_name(path: str) -> str:
-    """A staging path beside `path` that no other process, on this host or another, uses."""
-    return f"{path}{STAGING}{socket.gethostname()}-{os.getpid()}"
+from pipeline.cache import STAGING, staging_name  # current.tmp-<host>-<pid>, cycles/cycle-N/feedback.tmp-<host>-<pid>
 
 
 def point_current(registry_dir: str, model_path: str) -> None:
