@@ -15,7 +15,7 @@ at a path that checkpoint.py, which owns the checkpoint's layout, gives it.
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -77,19 +77,21 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Sum gradients across workers, clip, update; the gradient norm before clipping."""
+    def step(self, before_update: Callable[[float], None] = lambda grad_norm: None) -> float:
+        """Sum gradients across workers, clip, hand the gradient norm before clipping (the same on
+        every rank) to `before_update`, which may raise to refuse the update; update."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # a rank without rows this step still takes part in the sum
                 p.grad = torch.zeros_like(p)
         if world_size() > 1:
             all_reduce_gradients([p.grad for p in params])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
+        before_update(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
+        return grad_norm
 
     def save(self, path: str, rank: int) -> None:
         """The optimizer and scheduler state as one file (every rank holds the same)."""
@@ -167,10 +169,20 @@ class DeepSpeedEngine:
         # global row count, so a sum is wanted: scale by the world size.
         self.engine.backward(loss * world_size(), scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self, before_update: Callable[[float], None] = lambda grad_norm: None) -> float:
+        """DeepSpeed keeps its gradients in its own partitioned buffers: what is visible of them on
+        the parameters is checked (all ranks alike) before its step, its global norm after it (a
+        non-finite one is refused before any checkpoint, though the update already happened)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+        visible = torch.tensor([float(not torch.isfinite(local))], device=next(self.module.parameters()).device)
+        if all_reduce_sum(visible).item():
+            before_update(math.nan)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else math.nan
+        norm = float(norm) if norm is not None else math.nan
+        before_update(norm)
+        return norm
 
     def save(self, path: str, rank: int) -> None:
         """DeepSpeed's own checkpoint folder: each rank writes its partition (a collective)."""

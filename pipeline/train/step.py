@@ -251,23 +251,18 @@ def train_step(engine, micro_batches: list[MicroBatch], s: StepSettings) -> dict
     metrics = _kto_pass(engine, micro_batches, s, backward=True)
     metrics.pop("accuracy")  # (of the weights before this step's update; eval reports it)
     at_fault = metrics.pop("_rows_at_fault")
-    local_grads_finite = _gradients_finite(engine.module)
-    verdict = all_reduce_sum(torch.tensor([float(not local_grads_finite)], device=_device(engine)))
     values = {"loss": metrics["loss"], "KL estimate": metrics["kl_unclamped"]}  # (an infinite one clamps to 0)
     not_finite = [name for name, value in values.items() if not math.isfinite(value)]
-    if not_finite or verdict.item():
-        _stop(at_fault, " and ".join(not_finite) or "gradient", metrics["loss"])
+    if not_finite:
+        _stop(at_fault, " and ".join(not_finite), metrics["loss"])
+
+    def refuse_a_non_finite_gradient(grad_norm: float) -> None:  # the engine's norm, the same on every rank
+        if not math.isfinite(grad_norm):
+            _stop(at_fault, "gradient", metrics["loss"], None if math.isnan(grad_norm) else grad_norm)
+
     metrics["learning_rate"] = engine.learning_rate()
-    metrics["grad_norm"] = engine.step()
-    if not math.isfinite(metrics["grad_norm"]):  # an engine whose gradients only it sees (DeepSpeed)
-        _stop(at_fault, "gradient", metrics["loss"], metrics["grad_norm"])
+    metrics["grad_norm"] = engine.step(before_update=refuse_a_non_finite_gradient)
     return metrics
-
-
-def _gradients_finite(model: torch.nn.Module) -> bool:
-    """Whether this rank's gradients are all finite (one reduction, one device sync)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
 
 
 def _stop(at_fault: tuple, what: str, loss: float, grad_norm: Optional[float] = None) -> None:
