@@ -20,7 +20,7 @@ from pipeline.config import Config
 from pipeline.data.checks import check_counts, examine, pairing_advice, weight_advice
 from pipeline.data.formats import DataError
 from pipeline.models import load_tokenizer, resolve_model_path
-from pipeline.scoring import score_examples
+from pipeline.scoring import ScoringJob, score_examples
 
 log = logging.getLogger("kto")
 
@@ -51,17 +51,18 @@ def precompute(config: Config) -> Prepared:
         from pipeline.data.demo import ensure_demo_data
 
         ensure_demo_data(config.data.path, config.eval.path)
-    scored_path, counts, folder = _prepare(config, "train", config.data.path, model_path, reference_path, pad)
-    prepared = Prepared(model_path, reference_path, ray.get(pad), scored_path, counts)
+    folder, counts = _examine(config, "train", config.data.path, model_path)
+    examples = {"train": (os.path.join(folder, "examples"), counts)}
     if config.eval.path:
-        prepared.eval_scored_path, prepared.eval_counts, _ = _prepare(config, "eval", config.eval.path, model_path,
-                                                                      reference_path, pad)
+        eval_folder, eval_counts = _examine(config, "eval", config.eval.path, model_path)
+        examples["eval"] = (os.path.join(eval_folder, "examples"), eval_counts)
     elif config.eval.split_fraction:
-        held_out = counts["held_out_counts"]
-        prepared.eval_scored_path, cache_hit = _score(config, os.path.join(folder, "held_out"),
-                                                      held_out["longest_sequence"], reference_path, pad)
-        prepared.eval_counts = {**held_out, "split_fraction": config.eval.split_fraction,
-                                "reference_cache_hit": cache_hit}
+        examples["eval"] = (os.path.join(folder, "held_out"),
+                            {**counts["held_out_counts"], "split_fraction": config.eval.split_fraction})
+    scored = _score(config, examples, reference_path, pad)
+    prepared = Prepared(model_path, reference_path, ray.get(pad), *scored["train"])
+    if "eval" in scored:
+        prepared.eval_scored_path, prepared.eval_counts = scored["eval"]
     return prepared
 
 
@@ -101,11 +102,9 @@ def resolve_desirable_weight(config: Config, n_desirable: int, n_undesirable: in
     return k.desirable_weight
 
 
-def _prepare(config: Config, source: str, data_path: str, model_path: str, reference_path: str,
-             pad: ray.ObjectRef) -> tuple[str, dict, str]:
-    """The data stage for one source (train or eval), then the reference stage on its examples:
-    (scored Parquet file, counts, the data stage's cache folder). The rejected rows are copied to
-    <run>/rejected/<source>-part-N.parquet."""
+def _examine(config: Config, source: str, data_path: str, model_path: str) -> tuple[str, dict]:
+    """The data stage for one source (train or eval), its checks and advice: (the data stage's
+    cache folder, counts). The rejected rows are copied to <run>/rejected/<source>-part-N.parquet."""
     folder, counts = examine(config, data_path, model_path)
     for part in sorted(glob.glob(os.path.join(counts["rejected_dir"], "*.parquet"))):
         os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
@@ -117,27 +116,32 @@ def _prepare(config: Config, source: str, data_path: str, model_path: str, refer
     advice = pairing_advice(counts, data_path)
     if advice:
         log.warning(advice)
-    scored_path, cache_hit = _score(config, os.path.join(folder, "examples"), counts["longest_sequence"],
-                                    reference_path, pad)
-    log.info("reference (%s): %d examples %s", source, counts["kept"],
-             "from the cache" if cache_hit else f"scored ({config.reference.backend}, {config.reference.dtype})")
-    return scored_path, {**counts, "fingerprint": os.path.basename(folder), "reference_cache_hit": cache_hit}, folder
+    return folder, {**counts, "fingerprint": os.path.basename(folder)}
 
 
-def _score(config: Config, examples_dir: str, longest_sequence: int, reference_path: str,
-           pad: ray.ObjectRef) -> tuple[str, bool]:
-    """The reference stage, cached beside the examples: (scored Parquet file, whether it was cached).
-    The file's schema is checked before anything reads it, a cached one and a fresh one alike; the
-    workers then read it without a check of their own (pipeline/train/worker.py): the driver's check
-    comes before training starts, in a folder only this user can write (pipeline/cache.py)."""
+def _score(config: Config, examples: dict[str, tuple[str, dict]], reference_path: str,
+           pad: ray.ObjectRef) -> dict[str, tuple[str, dict]]:
+    """The reference stage for each source's examples ({source: (examples folder, counts)}), cached
+    beside them; what is not cached yet is scored by one actor pool. Returns {source: (scored
+    Parquet file, counts with reference_cache_hit)}. A file's schema is checked before anything
+    reads it, a cached one and a fresh one alike; the workers then read it without a check of
+    their own (pipeline/train/worker.py): the driver's check comes before training starts, in a
+    folder only this user can write (pipeline/cache.py)."""
     r, options = config.reference, ScoringOptions.from_config(config)
-    scored_path = f"{examples_dir}-scored-" + fingerprint(
-        [], [reference_path], {"backend": r.backend, "dtype": r.dtype, "kl": options.score_kl}) + ".parquet"
-    cache_hit = os.path.exists(scored_path)
-    if not cache_hit:
-        score_examples(examples_dir, scored_path, longest_sequence, backend=r.backend,
+    key = fingerprint([], [reference_path], {"backend": r.backend, "dtype": r.dtype, "kl": options.score_kl})
+    targets = {source: f"{folder}-scored-{key}.parquet" for source, (folder, _) in examples.items()}
+    missing = [source for source, target in targets.items() if not os.path.exists(target)]
+    if missing:
+        score_examples([ScoringJob(examples[source][0], targets[source]) for source in missing],
+                       max(examples[source][1]["longest_sequence"] for source in missing), backend=r.backend,
                        reference_path=reference_path, pad_token_id=ray.get(pad), num_replicas=r.num_replicas,
                        num_cpus_per_replica=r.num_cpus_per_replica, num_gpus_per_replica=r.num_gpus_per_replica,
                        options=options)
-    check_table(scored_path, "scored")
-    return scored_path, cache_hit
+    scored = {}
+    for source, target in targets.items():
+        check_table(target, "scored")
+        counts = examples[source][1]
+        log.info("reference (%s): %d examples %s", source, counts["kept"], "scored (%s, %s)" % (r.backend, r.dtype)
+                 if source in missing else "from the cache")
+        scored[source] = (target, {**counts, "reference_cache_hit": source not in missing})
+    return scored

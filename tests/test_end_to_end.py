@@ -144,6 +144,7 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     other = first_json(other_dtype.stdout)  # the same examples, scored again in another dtype
     assert other["data"]["fingerprint"] == counts["fingerprint"] and other["scored"] != precomputed["scored"]
     assert other["data"]["reference_cache_hit"] is False
+    _check_scores_against_the_reference(other["scored"], other["eval_data"], resolved)
 
     # The same run name again resumes from its last checkpoint: no step runs twice.
     rerun = launch_here("train", "--config", config)
@@ -250,6 +251,27 @@ def _check_report(run, summary: dict) -> None:
     assert f"| step {final['step']} | {final['loss']:.4g} | {final['kl']:.4g} |" in markdown
     assert f"{summary['data']['read']} examples read, {summary['data']['kept']} kept" in markdown
     assert "![loss.png](loss.png)" in markdown
+
+
+def _check_scores_against_the_reference(scored_path: str, eval_counts: dict, config: dict) -> None:
+    """The training rows and the held-out rows, scored by one actor pool, each got their own
+    scores: ref_logp and ref_kl_logp equal the reference model's forwards in this process."""
+    import torch
+
+    from pipeline.logprobs import score_sequences
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    held_out = os.path.join(os.path.dirname(scored_path), "held_out-scored-" + scored_path.rsplit("-scored-", 1)[1])
+    assert eval_counts["kept"] >= 2 and eval_counts["reference_cache_hit"] is False
+    model = load_causal_lm(config["model"]["name_or_path"], False, torch.float32).eval()
+    pad = load_tokenizer(config["model"]["name_or_path"]).pad_token_id
+    for path, rows in ((scored_path, None), (held_out, eval_counts["kept"])):
+        table = pq.read_table(path)
+        assert rows is None or table.num_rows == rows
+        prompts = table.column("prompt_ids").to_pylist()
+        for completions, scores in (("completion_ids", "ref_logp"), ("kl_completion_ids", "ref_kl_logp")):
+            expected = score_sequences(model, prompts, table.column(completions).to_pylist(), pad).numpy()
+            assert table.column(scores).to_numpy() == pytest.approx(expected, abs=1e-4), (path, scores)
 
 
 def _check_mlflow_and_wandb(run, lines: list[dict]) -> None:
