@@ -30,8 +30,8 @@ demo: setup
 
 test: setup
 	@# Two test processes (pytest-xdist), each with its own local Ray: on CI's 2 cores the suite's many
-	@# start-ups (Ray, workers, imports) overlap (measured: 582 s in one process, 505 s in two, 611 s in
-	@# three). A file's tests stay in one process, and so do the files that share the reference runs.
+	@# start-ups (Ray, workers, imports) overlap. A file's tests stay in one process (its module fixtures
+	@# are built once), and so do the files that share the reference runs (see benchmarks/NOTES.md).
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # Side by side with TRL's KTOTrainer (TRL comes with the test extra, never at run time): about 30 minutes on 2 cores.
