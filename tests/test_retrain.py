@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from conftest import ROOT, launch_here, write_feedback
 from pipeline.retrain.cycle import gate
 from pipeline.retrain.ledger import V1, Ledger
 from pipeline.retrain.partitions import survey
-from pipeline.retrain.reading import MAX_DEPTH
+from pipeline.retrain.reading import MAX_DEPTH, ROW_LIMIT
 
 HOUR = 3600
 
@@ -197,7 +198,8 @@ def test_a_cycle_is_recorded_before_it_reads_any_feedback_and_history_lists_what
     assert lines[1].split()[4] == "failed" and "FileNotFoundError: retrain.feedback_root" in lines[1]
     assert lines[2].split()[4] == "skipped"
     assert lines[3].strip() == "files (eligible, not consumed): date=2026-12-01/part-0.parquet"
-    assert lines[4].strip().startswith("quarantined broken.json: the file is not valid JSON")
+    assert lines[4].strip() == ("quarantined broken.json: its JSON array ends inside element 0: the file is "
+                                "truncated or not valid JSON")
     full = json.loads(launch_here("history", "--json", *[f"--set={o}" for o in overrides]).stdout)
     assert full[1]["partitions"][0]["files"][0]["rows"] == 16 and full[1]["quarantined"][0]["fingerprint"]
 
@@ -255,7 +257,7 @@ def _bad_files(root) -> dict[str, str]:
     os.symlink(outside / "part-0.parquet", root / "linked.parquet")
     os.symlink("..", root / "date=2026-12-01" / "up")  # a loop: never followed
     _age_tree(root)
-    return {"half.json": "not valid JSON", "truncated.jsonl.gz": "EOFError", "latin1.jsonl": "line 2 is not UTF-8",
+    return {"half.json": "not valid JSON", "truncated.jsonl.gz": "EOFError", "latin1.jsonl": "row 2 is not UTF-8",
             "deep.jsonl": f"deeper than {MAX_DEPTH}", "deep.json": f"deeper than {MAX_DEPTH}",
             "no_footer.parquet": "ArrowInvalid", "columns.jsonl": "match no feedback format", "empty.jsonl": "no rows",
             "pipe.jsonl": "not a regular file", "date=2026-11-30": "outside the feedback root",
@@ -286,6 +288,32 @@ def test_unreadable_files_and_symlinks_are_quarantined_with_a_reason_and_retried
                                                                ("linked.parquet", 2)]
     assert not fixed.quarantined and "half.json" not in fixed.still_quarantined
     assert "holds json/unpaired feedback" in {w["partition"]: w["reason"] for w in fixed.waiting}["half.json"]
+
+
+def test_the_pre_read_streams_json_so_a_gzip_bomb_line_is_counted_unread(tmp_path):
+    """A cycle reads JSON before it trains as the data stage does, a row at a time: a 128 MB line
+    inside a gzip file of a few hundred KB is one row (the data stage quarantines it, row_too_long),
+    read no further than the row limit, and a .json array is read element by element."""
+    root = tmp_path / "feedback"
+    root.mkdir()
+    row = json.dumps({"prompt": "what is the sky?", "completion": "blue.", "label": True}).encode() + b"\n"
+    with gzip.open(root / "bomb.jsonl.gz", "wb", compresslevel=9) as f:
+        f.write(row + b'{"prompt": "')
+        for _ in range(128):
+            f.write(b"a" * (1 << 20))
+        f.write(b'", "completion": "x", "label": true}\n' + row)
+    (root / "rows.json").write_text(json.dumps([{"prompt": f"question {i}?", "completion": "an answer.",
+                                                 "label": i % 2 == 0} for i in range(5000)]))
+    _age_tree(root)
+    tracemalloc.start()
+    try:
+        found = _survey(root)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sorted((f.name, rows) for f, rows in found.new) == [("bomb.jsonl.gz", 3), ("rows.json", 5000)]
+    assert not found.quarantined
+    assert peak < 3 * ROW_LIMIT < 128 << 20, peak  # the row limit's read, not the line (read whole: 128 MB+)
 
 
 def test_a_cycle_reads_one_kind_and_format_of_file_and_the_others_wait(tmp_path):

@@ -44,14 +44,20 @@ def rows_of(path: str, limit: int) -> Iterator[Optional[bytes]]:
     """Each row's JSON text (None: a line over `limit` bytes, skipped unread)."""
     with open_binary(path) as stream:
         try:
-            head = stream.peek(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]  # (a UTF-8 byte-order mark, whitespace)
-            if head == b"[":
-                yield from _array_elements(stream, path, limit)
-            else:
-                yield from _lines(stream, limit)
+            yield from json_texts(stream, path, limit)
         except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
             raise DataError(f"{path}: cannot be read to its end ({error}); the file is truncated or corrupt: "
                             "upload it again") from None
+
+
+def json_texts(stream: BinaryIO, path: str, limit: int) -> Iterator[Optional[bytes]]:
+    """Each row's JSON text from an open (decompressing) stream: the elements of a top-level array,
+    else the non-blank lines (None: a line over `limit` bytes, skipped unread). Bounded memory."""
+    head = stream.peek(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]  # (a UTF-8 byte-order mark, whitespace)
+    if head == b"[":
+        yield from _array_elements(stream, path, limit)
+    else:
+        yield from _lines(stream, limit)
 
 
 def _lines(stream: BinaryIO, limit: int) -> Iterator[Optional[bytes]]:

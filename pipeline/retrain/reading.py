@@ -14,11 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.formats import DataError, check_types, detect_format
+from pipeline.data.json_lines import json_texts, row_limit
 
 if TYPE_CHECKING:
     from pipeline.retrain.partitions import FeedbackFile
 
 MAX_DEPTH = 32  # JSON nesting a feedback row can need is 4 (row, messages, message, text); pyarrow crashes past ~10^4
+ROW_LIMIT = row_limit(1_000_000)  # bytes of one row's JSON parsed here (data.max_text_chars' default)
 
 
 class Unreadable(Exception):
@@ -41,7 +43,9 @@ def read_rows(file: FeedbackFile, data_format: str = "auto", label_map: Optional
         return rows
     except Unreadable:
         raise
-    except (OSError, EOFError, zlib.error, pa.ArrowException, DataError) as error:  # gzip.BadGzipFile is an OSError
+    except DataError as error:  # a message of ours, for this file: said as it is
+        raise Unreadable(_clip(str(error).removeprefix(f"{file.name}: "))) from None
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as error:  # gzip.BadGzipFile is an OSError
         raise Unreadable(_clip(f"{type(error).__name__}: {error}")) from None
 
 
@@ -54,23 +58,15 @@ def _parquet_rows(file: FeedbackFile, data_format: str, label_map: dict) -> tupl
 
 
 def _json_rows(file: FeedbackFile, data_format: str) -> tuple[int, str]:
+    """Rows as the data stage reads them (json_lines.json_texts: a top-level array's elements, else
+    the non-blank lines), a row at a time: a 10 GB file or a gzip bomb never sits in memory whole."""
     columns: set = set()
+    rows = 0
     with open_inside(file.path) as raw:
         stream = gzip.GzipFile(fileobj=raw) if file.path.endswith(".gz") else raw
-        if file.path.endswith((".jsonl", ".jsonl.gz")):
-            rows = 0
-            for number, line in enumerate(stream, 1):
-                if line.strip():
-                    columns |= _json_object(line, f"line {number}").keys()
-                    rows += 1
-        else:
-            value = _json_value(stream.read(), "the file")
-            items = value if isinstance(value, list) else [value]
-            for number, item in enumerate(items):
-                if not isinstance(item, dict):
-                    raise Unreadable(f"item {number} is a JSON {type(item).__name__}, not an object with the row's fields")
-                columns |= item.keys()
-            rows = len(items)
+        for rows, text in enumerate(json_texts(stream, file.name, ROW_LIMIT), 1):
+            if text is not None:  # (a row over the limit is counted: the data stage quarantines it, row_too_long)
+                columns |= _json_object(text, f"row {rows}").keys()
     return _some(rows), detect_format(sorted(columns), data_format, file.name)
 
 
