@@ -53,13 +53,17 @@ def score_examples(jobs: list[ScoringJob], max_model_len: int, *, backend: str, 
         num_gpus=num_gpus_per_replica,
     )
     files = [sorted(glob.glob(os.path.join(job.examples_dir, "*.parquet"))) for job in jobs]
+    for job, job_files in zip(jobs, files):
+        if not job_files:
+            raise RuntimeError(f"{job.examples_dir} holds no examples to score")
     totals = [sum(pq.ParquetFile(f).metadata.num_rows for f in job_files) for job_files in files]
     stagings = [staging_name(job.target) for job in jobs]  # beside the targets, in the data stage's private folders
     examples = [_Rows(job_files) for job_files in files]
-    writers = [pq.ParquetWriter(staging, pa.unify_schemas([pq.read_schema(job_files[0]), SCORES]))
-               for staging, job_files in zip(stagings, files)]
+    writers = []
     progress = bar(f"reference ({backend})", total=sum(totals))
     try:
+        for staging, job_files in zip(stagings, files):
+            writers.append(pq.ParquetWriter(staging, pa.unify_schemas([pq.read_schema(job_files[0]), SCORES])))
         for job, scores in _in_order(scored.iter_batches(batch_size=None, batch_format="pyarrow"), totals):
             progress.update(scores.num_rows)
             rows = examples[job].take(scores.num_rows)
@@ -78,8 +82,9 @@ def score_examples(jobs: list[ScoringJob], max_model_len: int, *, backend: str, 
             sync_folder_of(job.target)
     finally:
         progress.close()
-        for writer, staging in zip(writers, stagings):  # a failed or interrupted write leaves nothing behind
+        for writer in writers:
             writer.close()
+        for staging in stagings:  # a failed or interrupted write leaves nothing behind
             if os.path.exists(staging):
                 os.remove(staging)
 
