@@ -46,9 +46,11 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.model_config)
     config.attention_dropout = 0.0
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
-    rows = pq.read_table(args.examples, columns=["prompt_ids", "completion_ids", "kl_completion_ids"]).slice(0, args.rows)
+    columns = ["prompt_ids", "completion_ids", "kl_completion_ids"]
+    rows = pq.read_table(args.examples, columns=columns).slice(0, args.rows)
     prompts = rows.column("prompt_ids").to_pylist()
-    completions, kl_completions = rows.column("completion_ids").to_pylist(), rows.column("kl_completion_ids").to_pylist()
+    completions = rows.column("completion_ids").to_pylist()
+    kl_completions = rows.column("kl_completion_ids").to_pylist()
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
 

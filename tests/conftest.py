@@ -54,7 +54,8 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
     """Grouping that silently stopped would build each module's runs once per process, with no
     error: measured, minutes of a CI run. (pytest 9.2 ignores the group that pytest-xdist 3.8 writes.)"""
-    if getattr(session.config.option, "loadgroup", False) and session.items and not any("@" in item.nodeid for item in session.items):
+    grouped = any("@" in item.nodeid for item in session.items)
+    if getattr(session.config.option, "loadgroup", False) and session.items and not grouped:
         raise pytest.UsageError("pytest-xdist's --dist loadgroup is not grouping these tests (see the pytest pin "
                                 "in pyproject.toml); run without -n, or with a pytest that xdist supports")
 
