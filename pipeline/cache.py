@@ -41,6 +41,8 @@ _SCORES = [("ref_logp", pa.float32()), ("ref_kl_logp", pa.float32())]
 CACHED_SCHEMAS = {
     "examples": [_EXAMPLE + _KL, _EXAMPLE + _PAIR + _KL],  # examples/ and held_out/ parts
     "scored": [_EXAMPLE + _KL + _SCORES, _EXAMPLE + _PAIR + _KL + _SCORES],
+    # a run's scheduled rows in training order (pipeline/data/step_file.py)
+    "steps": [[("step", pa.int32()), ("slot", pa.int32()), *_EXAMPLE[1:4], *_KL, *_SCORES, ("row_index", pa.int64())]],
 }
 
 

@@ -166,6 +166,10 @@ class OutputConfig:
     # Ray Train checkpoints, reachable from every node: a local path (one machine), NFS, s3://, gs://;
     # None: <run directory>/ray_train. Checkpoints of this run go to <storage_path>/<run_name>.
     storage_path: Optional[str] = None
+    # Where a worker writes a checkpoint before Ray Train uploads it to storage_path: None writes a local
+    # (or NFS) storage path in place, with no copy, and stages for an s3:// / gs:// one in
+    # <run directory>/scratch. Its free space is checked before every save.
+    scratch_dir: Optional[str] = None
     resume: bool = True  # a run directory with checkpoints continues from the latest; false: start over
     # Where step metrics also go, from rank 0: tensorboard (<run>/tensorboard), mlflow (MLflow's own
     # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME), wandb (WANDB_PROJECT, WANDB_MODE, ...); []: metrics.jsonl alone
@@ -273,7 +277,7 @@ def _absolute_paths(config: Config) -> Config:
         reference=dataclasses.replace(c.reference, model=model(c.reference.model), cache_dir=local(c.reference.cache_dir)),
         eval=dataclasses.replace(c.eval, path=local(c.eval.path)),
         output=dataclasses.replace(c.output, output_dir=local(c.output.output_dir),
-                                   storage_path=local(c.output.storage_path)),
+                                   storage_path=local(c.output.storage_path), scratch_dir=local(c.output.scratch_dir)),
         retrain=dataclasses.replace(c.retrain, registry_dir=local(c.retrain.registry_dir)))
 
 

@@ -71,7 +71,7 @@ class WorkerPlan:
     reference_path: str
     scored_path: str  # the scored training rows (Parquet)
     eval_scored_path: Optional[str]  # the scored held-out rows, if any
-    schedule_path: str  # (step, slot, row_index) of every global batch
+    steps_path: str  # the scheduled rows in training order (pipeline/data/step_file.py)
     pad_token_id: int
     desirable_weight: float  # kto.desirable_weight, `auto` resolved from the label counts
     ray_log_level: int = logging.INFO  # Ray Train's console lines (console.ray_log_level: WARNING unless --verbose)

@@ -7,12 +7,13 @@ import logging
 import os
 import time
 
-import pyarrow.parquet as pq
+import ray
 import yaml
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import ray_log_level
-from pipeline.data.pairing import build_schedule
+from pipeline.cache import check_table
+from pipeline.data.step_file import Schedule, write_step_file
 from pipeline.fit import WorkerPlan, check_resumable, fit
 from pipeline.stages import precompute, resolve_desirable_weight
 from pipeline.train.trackers import missing_reporters, peak_rss_mib, read_metrics
@@ -38,16 +39,16 @@ def train(config: Config) -> dict:
     counts = prepared.counts
     desirable_weight = resolve_desirable_weight(config, counts["desirable"], counts["undesirable"])
     t = config.training
-    schedule = build_schedule(counts["kept"], config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed,
-                              shuffle=t.train_sampling_strategy == "random",
-                              pairs=config.kto.loss_type == "kto_pairwise")
-    schedule_path = os.path.join(run_dir, "schedule.parquet")
-    pq.write_table(schedule, schedule_path)
-    total_steps = int(schedule.column("step")[-1].as_py()) + 1
+    # The rows of every step in training order, written by a Ray task (this process holds no data
+    # set), reused from the cache when the same schedule ran on the same scores before.
+    schedule = Schedule(counts["kept"], config.global_batch_size, t.num_train_epochs, t.max_steps, t.seed,
+                        shuffle=t.train_sampling_strategy == "random", pairs=config.kto.loss_type == "kto_pairwise")
+    steps_path, total_steps = ray.get(ray.remote(write_step_file).remote(prepared.scored_path, schedule))
+    check_table(steps_path, "steps")
 
     plan = WorkerPlan(model_path=prepared.model_path, reference_path=prepared.reference_path,
                       scored_path=prepared.scored_path, eval_scored_path=prepared.eval_scored_path,
-                      schedule_path=schedule_path, pad_token_id=prepared.pad_token_id,
+                      steps_path=steps_path, pad_token_id=prepared.pad_token_id,
                       desirable_weight=desirable_weight, ray_log_level=ray_log_level())
     log.info("training: %d steps of %d examples on %d workers (%s)", total_steps, config.global_batch_size,
              config.scaling.num_workers, config.scaling.strategy)
@@ -66,7 +67,7 @@ def train(config: Config) -> dict:
     summary = {
         "final_metrics": steps[-1], "steps": len(steps), "data": counts, "eval_data": prepared.eval_counts,
         "reference": {"backend": config.reference.backend, "dtype": config.reference.dtype,
-                      "scored_path": prepared.scored_path, "step0_drift": state.step0_drift},
+                      "scored_path": prepared.scored_path, "steps_path": steps_path, "step0_drift": state.step0_drift},
         "label_counts": {"desirable": counts["desirable"], "undesirable": counts["undesirable"]},
         "desirable_weight": desirable_weight, "num_workers": config.scaling.num_workers,
         "global_batch_size": config.global_batch_size, "eval_before": state.eval_before,

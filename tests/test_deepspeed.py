@@ -22,6 +22,8 @@ def test_zero_stage_matches_ddp_with_one_worker(tmp_path, tiny_model, reference_
         "training.save_steps": 1, "scaling.embedded_num_cpus": 4})
     if stage == 3:  # activation checkpointing recomputes the same float32 values: the result must not move
         overrides["training.gradient_checkpointing"] = True
+    if stage == 2:  # each rank stages its part in a scratch folder and Ray Train uploads it (else: in place)
+        overrides["output.scratch_dir"] = str(tmp_path / "scratch")
     metrics, weights, summary = train_and_load(tmp_path, tiny_model, reference_data[0], **overrides)
     ddp_metrics, ddp_weights, ddp_summary, _ = reference_runs[1]
 
@@ -67,6 +69,8 @@ def test_zero_stage_matches_ddp_with_one_worker(tmp_path, tiny_model, reference_
         assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(
             os.listdir(run_dir / "ray_train" / checkpoint / "model"))
         assert sum("optim_states" in f for f in files) == 2, files
+    if stage == 2:  # every staged part was uploaded, then removed
+        assert os.listdir(tmp_path / "scratch") == []
 
 
 BF16_PROBE = """

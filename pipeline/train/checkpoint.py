@@ -44,28 +44,109 @@ def _engine_state(folder: str, engine) -> str:
     return os.path.join(folder, "deepspeed" if engine.equal_forwards else "optimizer.pt")
 
 
-def save(engine, state: TrainerState, history: list[str], metrics: dict, rank: int, tokenizer,
-         merge_adapters: bool = False) -> None:
-    """Every rank writes its part into a folder of its own and reports it with the step's metrics
-    (a collective: every rank calls it); rank 0 writes the shared files, trainer_state.json last."""
+def save(engine, state: TrainerState, history: list[str], metrics: dict, rank: int, tokenizer, attempt: str,
+         scratch_dir: Optional[str], merge_adapters: bool = False) -> Optional[str]:
+    """Every rank writes its part of the checkpoint of `state.step` and reports it with the step's
+    metrics (a collective: every rank calls it); rank 0 writes the shared files, trainer_state.json
+    last. On a local (or NFS) storage path without a scratch_dir the parts are written in place, in
+    the folder Ray Train registers (no copy: a 70B ZeRO-3 checkpoint is written once, not staged
+    and copied); otherwise each rank stages its part in scratch_dir and Ray Train uploads it.
+
+    Free space is checked first, on every rank's folder: if one lacks room nothing is written and
+    every rank returns the same reason (the run stops, its last checkpoint kept); else None."""
     import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from pipeline.train.engines import all_gather_objects  # (the driver imports this module without torch)
+
+    storage = ray.train.get_context().get_storage()
+    name = f"checkpoint_{state.step:06d}_{attempt}"  # (a killed attempt's partial folder is never reused)
+    in_place = scratch_dir is None and isinstance(storage.storage_filesystem, pafs.LocalFileSystem)
+    folder = os.path.join(storage.experiment_fs_path, name) if in_place else os.path.join(scratch_dir, f"{name}-{rank}")
+    problem = space_problem(folder, bytes_needed(engine, rank, merge_adapters), rank, state.step)
+    problems = [found for found in all_gather_objects(problem) if found]
+    if problems:
+        return problems[0]
+    os.makedirs(folder, exist_ok=True)
+    try:
+        _write(folder, engine, state, history, rank, tokenizer, merge_adapters)
+        if in_place:
+            checkpoint = ray.train.Checkpoint(folder, filesystem=storage.storage_filesystem)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
+        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
+                         checkpoint_dir_name=name, delete_local_checkpoint_after_upload=not in_place,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD if in_place else CheckpointUploadMode.SYNC)
+    finally:
+        if not in_place:
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _write(folder: str, engine, state: TrainerState, history: list[str], rank: int, tokenizer,
+           merge_adapters: bool) -> None:
     import torch  # here and in restore: the driver reads checkpoints without importing torch
 
-    with tempfile.TemporaryDirectory() as folder:
-        engine.export(os.path.join(folder, MODEL), rank)
-        engine.save(_engine_state(folder, engine), rank)
-        if rank == 0:
-            tokenizer.save_pretrained(os.path.join(folder, MODEL))
-            if merge_adapters:  # the last checkpoint: a plain model for serving; training is over
-                engine.module.merge_and_unload().save_pretrained(os.path.join(folder, MERGED),
-                                                                 safe_serialization=True)
-                tokenizer.save_pretrained(os.path.join(folder, MERGED))
-            torch.save(torch.get_rng_state(), os.path.join(folder, RNG))
-            with open(os.path.join(folder, METRICS), "w") as f:
-                f.writelines(history)
-            _write_state(folder, state)
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
-        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    engine.export(os.path.join(folder, MODEL), rank)
+    engine.save(_engine_state(folder, engine), rank)
+    if rank == 0:
+        tokenizer.save_pretrained(os.path.join(folder, MODEL))
+        if merge_adapters:  # the last checkpoint: a plain model for serving; training is over
+            engine.module.merge_and_unload().save_pretrained(os.path.join(folder, MERGED), safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(folder, MERGED))
+        torch.save(torch.get_rng_state(), os.path.join(folder, RNG))
+        with open(os.path.join(folder, METRICS), "w") as f:
+            f.writelines(history)
+        _write_state(folder, state)
+
+
+def bytes_needed(engine, rank: int, merge_adapters: bool) -> int:
+    """What this rank is about to write, estimated from its parameters (ZeRO-3: their full sizes,
+    ds_numel) with a tenth more for file formats: rank 0 the exported model (with LoRA the adapters;
+    the merged model too on the last save); ddp: rank 0 AdamW's two moments of the trained weights;
+    DeepSpeed: each rank its ZeRO partition (float32 weights and two moments, 12 bytes a trained
+    weight over the world), and the module's weights (ZeRO-3: a partition of them)."""
+    params = list(engine.module.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    every = sum(numel(p) * p.element_size() for p in params)
+    trained = sum(numel(p) * p.element_size() for p in params if p.requires_grad)
+    lora = hasattr(engine.module, "peft_config")
+    export = (trained if lora else every) + (every if merge_adapters else 0) if rank == 0 else 0
+    if engine.equal_forwards:  # DeepSpeed
+        from pipeline.train.engines import world_size
+
+        workers = world_size()
+        states = 12 * sum(numel(p) for p in params if p.requires_grad) // workers
+        states += every // workers if engine.zero_stage == 3 else (every if rank == 0 else 0)
+    else:
+        states = 2 * trained if rank == 0 else 0
+    return int(1.1 * (export + states)) + (1 << 20)
+
+
+def space_problem(folder: str, needed: int, rank: int, step: int) -> Optional[str]:
+    """Why `folder` cannot take `needed` bytes (its nearest existing parent's free space), or None."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if needed <= free:
+        return None
+    return (f"the checkpoint of step {step} needs about {needed:,} bytes ({needed / 2**30:.2f} GiB) on rank {rank} "
+            f"in {folder}, and that volume has {free:,} bytes ({free / 2**30:.2f} GiB) free: free space there, or "
+            "point output.scratch_dir (or output.storage_path) at a volume with room, then run the same command "
+            "to resume")
+
+
+def remove_incomplete(storage) -> None:
+    """Checkpoint folders without trainer_state.json (a killed attempt's partial writes, never
+    registered by Ray Train), deleted by rank 0 when a worker group starts, before it saves."""
+    filesystem, root = storage.storage_filesystem, storage.experiment_fs_path
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    for entry in filesystem.get_file_info(pafs.FileSelector(root)):
+        if (entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_")
+                and filesystem.get_file_info(f"{entry.path}/{STATE}").type == pafs.FileType.NotFound):
+            filesystem.delete_dir(entry.path)
 
 
 def save_state_only(state: TrainerState, rank: int) -> None:

@@ -57,13 +57,22 @@ class MicroBatch:
     def from_table(cls, scored, rows: list[int]) -> "MicroBatch":
         """These rows of a scored Arrow table (Python lists for these rows only: a worker holds the
         scored set in Arrow's compact form, not as Python objects)."""
-        picked = scored.take(pa.array(list(rows), pa.int64()))
+        return cls._of(scored.take(pa.array(list(rows), pa.int64())), list(rows))
+
+    @classmethod
+    def from_step_rows(cls, table) -> "MicroBatch":
+        """A micro-batch's rows as the step file holds them (pipeline/data/step_file.py), named by
+        their row_index in the scored table."""
+        return cls._of(table, table.column("row_index").to_pylist())
+
+    @classmethod
+    def _of(cls, picked, rows: list[int]) -> "MicroBatch":
         column = lambda name: picked.column(name).to_pylist()  # noqa: E731
         return cls(prompt_ids=column("prompt_ids"), completion_ids=column("completion_ids"),
                    kl_completion_ids=column("kl_completion_ids"),
                    labels=torch.tensor(column("label"), dtype=torch.bool),
                    ref_logp=torch.tensor(column("ref_logp"), dtype=torch.float32),
-                   ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32), rows=list(rows))
+                   ref_kl_logp=torch.tensor(column("ref_kl_logp"), dtype=torch.float32), rows=rows)
 
 
 class NonFiniteStep(RuntimeError):

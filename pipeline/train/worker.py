@@ -12,21 +12,25 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Optional
 
-import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.dataset
+import pyarrow.fs
 import torch
 
 from pipeline.config import Config
+from pipeline.data.step_file import RankSteps, prefetched
 from pipeline.fit import WorkerPlan, write_stop
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.train import checkpoint, drift
 from pipeline.train.checkpoint import TrainerState
 from pipeline.train.engines import all_gather_objects, build_engine, deepspeed_settings, skip_deepspeed_shm_build
 from pipeline.train.held_out import HeldOut
-from pipeline.train.step import SCORED_COLUMNS, MicroBatch, NonFiniteStep, StepSettings, train_step
+from pipeline.train.step import MicroBatch, NonFiniteStep, StepSettings, train_step
 from pipeline.train.trackers import MetricsLog, peak_rss_mib
+
+PREFETCH_STEPS = 2  # steps read and decoded ahead of the one training
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -40,18 +44,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(t.seed)
     device = _device(config.scaling.use_gpu, context.get_local_rank())
-    _record_worker(config.run_dir, rank)
+    attempt = _record_worker(config.run_dir, rank)
 
-    # checked by the driver before training (stages._score -> cache.check_table), in a 0700 folder
-    scored = pq.read_table(plan.scored_path, columns=list(SCORED_COLUMNS))
-    plan_of_steps = rank_micro_batches(pq.read_table(plan.schedule_path), rank, t.per_device_train_batch_size,
-                                       t.gradient_accumulation_steps)
-    total_steps = len(plan_of_steps)
+    # The rows of this rank's coming steps, read a row group at a time (checked by the driver
+    # before training, run.py -> cache.check_table, in a 0700 folder)
+    steps = RankSteps(plan.steps_path, rank, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    total_steps = steps.total_steps
     settings = StepSettings.from_config(config.kto, t, plan.desirable_weight, plan.pad_token_id)
     held_out = HeldOut(plan.eval_scored_path, config.eval, rank, pairs=config.kto.loss_type == "kto_pairwise") if (
         plan.eval_scored_path) else None
     generates = held_out is not None and bool(held_out.prompts)
     tokenizer = load_tokenizer(plan.model_path, config.model.trust_remote_code) if rank == 0 or generates else None
+
+    storage = context.get_storage()
+    local_storage = isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem)
+    scratch_dir = config.output.scratch_dir or (None if local_storage else os.path.join(config.run_dir, "scratch"))
+    if rank == 0:  # (before any rank saves: the first save follows a step's collectives)
+        checkpoint.remove_incomplete(storage)
 
     saved = ray.train.get_checkpoint()
     with saved.as_directory() if saved else contextlib.nullcontext() as folder:
@@ -71,8 +80,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"resuming from the checkpoint of step {state.step} of {total_steps}", flush=True)
 
     saved_step = state.step  # the latest checkpoint's: the one a stopped run keeps
-    for step in range(state.step, total_steps):
-        micro_batches = [MicroBatch.from_table(scored, rows) for rows in plan_of_steps[step] if rows]
+    coming = prefetched(((step, [MicroBatch.from_step_rows(rows) for rows in micro if rows.num_rows])
+                         for step, micro in steps.read(state.step)), PREFETCH_STEPS)
+    for step, micro_batches in coming:
         started = time.perf_counter()
         try:
             metrics = {"step": step + 1, **train_step(engine, micro_batches, settings)}
@@ -95,8 +105,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.write(history[-1], metrics)
             state.tracking_ids = log.tracking_ids
         if last or (t.save_steps and done % t.save_steps == 0):
-            checkpoint.save(engine, state, history, metrics, rank, tokenizer,
-                            merge_adapters=last and bool(config.lora.r) and config.lora.save_merged)
+            no_room = checkpoint.save(engine, state, history, metrics, rank, tokenizer, attempt, scratch_dir,
+                                      merge_adapters=last and bool(config.lora.r) and config.lora.save_merged)
+            if no_room:  # every rank alike; nothing of this checkpoint was written
+                if rank == 0:
+                    kept = f"the checkpoint of step {saved_step} is kept" if saved_step else "no checkpoint was written"
+                    write_stop(config, f"training stopped after step {done}: {no_room} ({kept})")
+                break
             saved_step = done
     if log:
         log.close()
@@ -105,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def non_finite_message(error: NonFiniteStep, step: int, scored_path: str, last_good_step: int,
                        shown: int = 10) -> str:
     """What the user reads: the step, and the rows at fault by their source file and row."""
-    sources = pq.read_table(scored_path, columns=["source_file", "source_row"]).take(error.rows[:shown])
+    sources = pyarrow.dataset.dataset(scored_path).take(error.rows[:shown], columns=["source_file", "source_row"])
     named = ", ".join(f"{file} row {row}" for file, row in zip(sources.column("source_file").to_pylist(),
                                                                sources.column("source_row").to_pylist()))
     more = f" and {len(error.rows) - shown} more" if len(error.rows) > shown else ""
@@ -180,27 +195,16 @@ def with_adapters(model: torch.nn.Module, lora, adapter_path: Optional[str]) -> 
                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def rank_micro_batches(schedule, rank: int, per_device: int, accumulation: int) -> dict[int, list]:
-    """{step: [row indices of micro-batch 0, 1, ...]} for this rank; a rank owns a contiguous
-    run of `per_device * accumulation` slots of every global batch."""
-    per_rank = per_device * accumulation
-    steps = schedule.column("step").to_numpy()
-    slots = schedule.column("slot").to_numpy()
-    rows = schedule.column("row_index").to_numpy()
-    plan: dict[int, list] = {int(step): [[] for _ in range(accumulation)] for step in np.unique(steps)}
-    mine = slots // per_rank == rank
-    for step, slot, row in zip(steps[mine], slots[mine], rows[mine]):
-        plan[int(step)][(slot % per_rank) // per_device].append(int(row))
-    return plan
-
-
-def _record_worker(run_dir: str, rank: int) -> None:
+def _record_worker(run_dir: str, rank: int) -> str:
     """<run>/workers.json: where each rank runs (node, host, pid), for placement checks and for
-    finding a worker's process; written by rank 0 at every (re)start of the worker group."""
+    finding a worker's process; written by rank 0 at every (re)start of the worker group. Returns
+    this start's id, the same on every rank (rank 0's): it names the checkpoints this start writes."""
     import ray
 
     everyone = all_gather_objects({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                                   "hostname": socket.gethostname(), "pid": os.getpid()})
+                                   "hostname": socket.gethostname(), "pid": os.getpid(),
+                                   "attempt": uuid.uuid4().hex[:8]})
     if rank == 0:
         with open(os.path.join(run_dir, "workers.json"), "w") as f:
             json.dump(everyone, f, indent=1)
+    return everyone[0]["attempt"]
