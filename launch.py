@@ -10,6 +10,8 @@
     python launch.py retrain [--config ...] [--set ...]   # one retraining cycle over new feedback partitions
     python launch.py schedule --cron "0 3 * * *" [--config ...] [--set ...]   # retrain at each cron time
     python launch.py history [--config ...] [--json]   # the retraining ledger as a table
+    python launch.py cache list [--config ...] [--json]   # reference cache entries: size, last use, runs
+    python launch.py cache prune --keep-last N | --max-size 50GB [--dry-run] [--force] [--config ...]
 """
 
 import argparse
@@ -84,6 +86,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     history = commands.add_parser("history", help="the retraining ledger: one line a cycle",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     history.add_argument("--json", action="store_true", help="print the ledger's rows as JSON")
+    cache = commands.add_parser("cache", help="the reference cache (reference.cache_dir): list its entries, or "
+                                               "prune the least recently used")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    cache_list = cache_actions.add_parser("list", help="entries, most recently used first: fingerprint, size, last "
+                                                       "use, the runs that used them",
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cache_prune = cache_actions.add_parser(
+        "prune", help="remove the least recently used entries; entries in use (a live run of this host used them, "
+                      "or any run in the last 10 minutes) stay unless --force",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cache_prune.add_argument("--keep-last", type=int, default=None, metavar="N",
+                             help="keep the N most recently used entries")
+    cache_prune.add_argument("--max-size", default=None, metavar="SIZE",
+                             help="remove least recently used entries until the rest total at most SIZE "
+                                  "(50GB = 50*10^9 bytes, 50GiB = 50*2^30; B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    cache_prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    cache_prune.add_argument("--force", action="store_true",
+                             help="remove entries in use too (never one a live writer is writing into)")
+    for command in (cache_list, cache_prune):
+        command.add_argument("--json", action="store_true", help="print the result as JSON")
+        command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (for reference.cache_dir)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override one config value, e.g. --set reference.cache_dir=/data/cache")
     for command in (train, precompute, validate, config, retrain, schedule, history):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -252,6 +277,24 @@ def history(args) -> int:
     return Exit.OK
 
 
+def cache(args) -> int:
+    from pipeline import cache_admin
+    from pipeline.config import ConfigError, load_config
+
+    cache_dir = load_config(args.config, tuple(args.overrides)).reference.cache_dir
+    if args.action == "list":
+        entries = cache_admin.list_entries(cache_dir)
+        print(json.dumps([e.describe() for e in entries], indent=2) if args.json else cache_admin.table(entries,
+                                                                                                          cache_dir))
+        return Exit.OK
+    if args.keep_last is None and args.max_size is None:
+        raise ConfigError("cache prune needs --keep-last N, --max-size SIZE, or both")
+    result = cache_admin.prune(cache_dir, keep_last=args.keep_last, force=args.force, dry_run=args.dry_run,
+                               max_size=None if args.max_size is None else cache_admin.parse_size(args.max_size))
+    print(json.dumps(result, indent=2) if args.json else cache_admin.describe_prune(result))
+    return Exit.OK
+
+
 def job_command(args: argparse.Namespace) -> int:
     """submit, status, logs, stop: the Ray Jobs API."""
     from pipeline import jobs
@@ -274,7 +317,7 @@ def job_command(args: argparse.Namespace) -> int:
 
 # The commands: parse_args names them, main calls one.
 COMMANDS = {"train": train, "precompute": precompute, "validate": validate, "config": config_show,
-            "report": report, "retrain": retrain, "schedule": schedule, "history": history,
+            "report": report, "retrain": retrain, "schedule": schedule, "history": history, "cache": cache,
             "submit": job_command, "status": job_command, "logs": job_command, "stop": job_command}
 
 

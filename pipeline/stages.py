@@ -15,6 +15,7 @@ import ray
 
 from actors.reference import ScoringOptions
 from pipeline.cache import check_table, fingerprint
+from pipeline.cache_admin import record_use
 from pipeline.cluster import start_ray
 from pipeline.config import Config
 from pipeline.data.checks import check_counts, examine, pairing_advice, weight_advice
@@ -104,8 +105,10 @@ def resolve_desirable_weight(config: Config, n_desirable: int, n_undesirable: in
 
 def _examine(config: Config, source: str, data_path: str, model_path: str) -> tuple[str, dict]:
     """The data stage for one source (train or eval), its checks and advice: (the data stage's
-    cache folder, counts). The rejected rows are copied to <run>/rejected/<source>-part-N.parquet."""
+    cache folder, counts), the run's use of that entry recorded. The rejected rows are copied to
+    <run>/rejected/<source>-part-N.parquet."""
     folder, counts = examine(config, data_path, model_path)
+    record_use(folder, config.run_dir, data_path)  # before scoring: `cache prune` sees a live run (cache_admin.py)
     for part in sorted(glob.glob(os.path.join(counts["rejected_dir"], "*.parquet"))):
         os.makedirs(os.path.join(config.run_dir, "rejected"), exist_ok=True)
         shutil.copyfile(part, os.path.join(config.run_dir, "rejected", f"{source}-{os.path.basename(part)}"))

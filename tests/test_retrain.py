@@ -552,6 +552,14 @@ def test_a_registry_loses_no_feedback_whichever_phase_a_cycle_is_killed_in(regis
     # `current` is the ledger's promoted model; pruning finished: only it is kept (keep_models 1).
     assert os.path.realpath(current) == second["model_path"]
     assert [c["id"] for c in cycles if c["model_path"] and os.path.isdir(c["model_path"])] == [5]
+    # The reference cache keeps what the promoted cycles and the shared eval set used; the entries made from the
+    # staged feedback of cycle 2 (killed) and cycle 4 (rejected) went after later decisions.
+    from pipeline.cache_admin import list_entries
+
+    cycle_data = sorted(os.path.relpath(use["data_path"], tmp_path / "registry" / "cycles")
+                        for entry in list_entries(str(tmp_path / "cache")) for use in entry.uses
+                        if use["data_path"] != str(tmp_path / "held_out.parquet"))
+    assert cycle_data == ["cycle-000003/feedback", "cycle-000005/feedback"]
     assert not [p for p in os.listdir(tmp_path / "registry") if ".tmp-" in p]
     from transformers import AutoModelForCausalLM
 

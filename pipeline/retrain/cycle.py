@@ -3,7 +3,8 @@
     lock -> ledger row -> repair from the ledger -> survey the feedback (pipeline/retrain/partitions.py:
          sealed, new, quarantined) -> train from the promoted model -> held-out gate
          -> ONE COMMIT: the decision and the consumed files
-         -> switch `current`, prune (repairable: the next cycle redoes them from the ledger)
+         -> switch `current`, prune models and the cache entries of discarded cycles (repairable: the
+            next cycle redoes them from the ledger)
 
 The ledger (pipeline/retrain/ledger.py) decides what is new: a file is consumed only when a cycle
 that trained on it is promoted, in the same transaction. Everything before that commit (a skip, a
@@ -36,7 +37,8 @@ from pipeline.retrain.history import decoded
 from pipeline.retrain.ledger import Ledger
 from pipeline.retrain.lock import RetrainLock
 from pipeline.retrain.partitions import survey
-from pipeline.retrain.registry import point_current, prune, remove_staging_leftovers, unstage_feedback
+from pipeline.retrain.registry import (cycle_dir, point_current, prune, prune_reference_cache, remove_staging_leftovers,
+                                      unstage_feedback)
 
 log = logging.getLogger("kto")
 CHANCE = 0.5  # the accuracy baseline when the start model is its own reference (its rewards are all 0)
@@ -93,7 +95,7 @@ def _cycle(config: Config, registry: str, ledger: Ledger, lock: RetrainLock) -> 
         if recorded or not isinstance(error, Interrupted):
             raise
         log.warning("SIGTERM right after cycle %d's decision was committed: finishing its tidy-up first", cycle_id)
-    return _after_decision(registry, ledger, cycle_id, rt.keep_models)
+    return _after_decision(registry, ledger, cycle_id, rt.keep_models, config.reference.cache_dir)
 
 
 def _repair(registry: str, ledger: Ledger, keep: int) -> None:
@@ -121,7 +123,7 @@ def _decide(config: Config, registry: str, ledger: Ledger, lock: RetrainLock, cy
                                                   f"retrain.min_new_rows = {rt.min_new_rows}")
         return
     _fault("before_training")
-    run_dir = os.path.join(registry, "cycles", f"cycle-{cycle_id:06d}")
+    run_dir = cycle_dir(registry, cycle_id)
     data_dir = _stage_feedback(run_dir, [file for file, _ in found.new], replay, seed=cycle_id)
     cycle_config = _cycle_config(config, registry, cycle_id, data_dir, start, reference)
     summary = _train(config, cycle_config)
@@ -158,9 +160,11 @@ def _train(config: Config, cycle_config: Config) -> dict:
             unstage_feedback(cycle_config.data.path)
 
 
-def _after_decision(registry: str, ledger: Ledger, cycle_id: int, keep: int) -> dict:
-    """Switch `current` and prune. The decision is committed: a SIGTERM now waits for these steps,
-    and a failure here is logged and left to the next cycle's repair, never recorded over it."""
+def _after_decision(registry: str, ledger: Ledger, cycle_id: int, keep: int, cache_dir: str) -> dict:
+    """Switch `current`, prune the model folders and the reference cache entries that only discarded
+    cycles used (a killed cycle's go at a later cycle's pruning). The decision is committed: a
+    SIGTERM now waits for these steps, and a failure here is logged and left to the next cycle's
+    repair, never recorded over it."""
     signal.signal(signal.SIGTERM, _decided_already)
     row = _row(ledger, cycle_id)
     try:
@@ -168,6 +172,8 @@ def _after_decision(registry: str, ledger: Ledger, cycle_id: int, keep: int) -> 
         if row["status"] == "promoted":
             point_current(registry, row["model_path"])
         prune(ledger.cycles(), ledger.promoted_model(), keep, after_each=lambda: _fault("during_pruning"))
+        for fingerprint in prune_reference_cache(cache_dir, registry, ledger.cycles()):
+            log.info("removed reference cache entry %s: only discarded cycles of this registry used it", fingerprint)
     except Exception as error:
         log.error("cycle %d is %s in the ledger, but switching `current` or pruning failed (%s: %s); the next "
                   "cycle repairs both from the ledger", cycle_id, row["status"], type(error).__name__, error)
