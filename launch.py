@@ -10,6 +10,7 @@
     python launch.py retrain [--config ...] [--set ...]   # one retraining cycle over new feedback partitions
     python launch.py schedule --cron "0 3 * * *" [--config ...] [--set ...]   # retrain at each cron time
     python launch.py history [--config ...] [--json]   # the retraining ledger as a table
+    python launch.py plan [--config ...] [--gpu-memory-gib 80] [--json]   # memory per GPU and node, and the fix
     python launch.py cache list [--config ...] [--json]   # reference cache entries: size, last use, runs
     python launch.py cache prune --keep-last N | --max-size 50GB [--dry-run] [--force] [--config ...]
 """
@@ -109,7 +110,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (for reference.cache_dir)")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value, e.g. --set reference.cache_dir=/data/cache")
-    for command in (train, precompute, validate, config, retrain, schedule, history):
+    plan = commands.add_parser("plan", help="before launch: bytes per GPU of the trainer and of a reference replica, "
+                               "host RAM a node, whether it fits, and the smallest change that makes it fit (reads the "
+                               "model's config.json, never its weights)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (a CPU run: RAM of one node)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs a node: workers a node for host RAM and offload")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    for command in (train, precompute, validate, config, retrain, schedule, history, plan):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (repeatable), e.g. --set kto.beta=0.2")
@@ -123,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Exit(enum.IntEnum):
     """launch.py's exit codes (the README lists them)."""
     OK = 0
-    NOT_TRAINABLE = 1  # validate: the data cannot train; submit --follow / logs --follow: the job did not succeed
+    # validate: the data cannot train; plan: the config does not fit; submit --follow / logs --follow: the job did not succeed
+    NOT_TRAINABLE = 1
     BAD_INPUT = 2  # a config, data, drift or job-command error; the message on stderr says what to change
     TRAINING_FAILED = 3  # train / retrain: a worker kept failing after scaling.max_failures restarts, or a NaN / inf stopped it
     LOCK_HELD = 75  # retrain: another cycle holds the registry's lock, or took it over from this one (EX_TEMPFAIL)
@@ -295,6 +304,14 @@ def cache(args) -> int:
     return Exit.OK
 
 
+def plan_command(args) -> int:
+    from pipeline.plan import describe as describe_plan, plan
+
+    report = plan(load(args), args.gpu_memory_gib, args.gpus_per_node)
+    print(json.dumps(report, indent=2) if args.json else describe_plan(report))
+    return Exit.OK if report["fits"] else Exit.NOT_TRAINABLE
+
+
 def job_command(args: argparse.Namespace) -> int:
     """submit, status, logs, stop: the Ray Jobs API."""
     from pipeline import jobs
@@ -318,6 +335,7 @@ def job_command(args: argparse.Namespace) -> int:
 # The commands: parse_args names them, main calls one.
 COMMANDS = {"train": train, "precompute": precompute, "validate": validate, "config": config_show,
             "report": report, "retrain": retrain, "schedule": schedule, "history": history, "cache": cache,
+            "plan": plan_command,
             "submit": job_command, "status": job_command, "logs": job_command, "stop": job_command}
 
 

@@ -34,7 +34,8 @@ def skip_reason(config, model_path: str, reference_path: str) -> Optional[str]:
 def sample_rows(scored_path: str, rows: int, seed: int) -> pa.Table:
     """A seeded sample of the scored file, read without loading the rest of it."""
     scored = pyarrow.dataset.dataset(scored_path)
-    order = np.random.default_rng(seed).permutation(scored.count_rows())[:rows]
+    count = scored.count_rows()  # (choice without replacement: memory of the sample's size, not the file's)
+    order = np.random.default_rng(seed).choice(count, min(rows, count), replace=False)
     return scored.take(pa.array(np.sort(order)))
 
 
