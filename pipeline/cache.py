@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import stat
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -175,6 +175,21 @@ def publish_folder(target: str, write: Callable[[str], None]) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # (gone already once renamed)
+    sync_folder_of(target)
+
+
+def publish_file(target: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` fills a staging file beside `target` (opened for bytes), which, synced to disk,
+    then replaces `target`: a reader finds the old file or the whole new one."""
+    staging = staging_name(target)
+    try:
+        with open(staging, "wb") as file:
+            write(file)
+        sync_tree(staging)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):  # (gone already once renamed)
+            os.remove(staging)
     sync_folder_of(target)
 
 

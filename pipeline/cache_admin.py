@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Optional
 
-from pipeline.cache import STAGING, private_folder, staging_name, sync_folder_of, sync_tree
+from pipeline.cache import STAGING, private_folder, publish_file, staging_name, sync_folder_of
 from pipeline.config import ConfigError
 
 log = logging.getLogger("kto")
@@ -78,16 +78,8 @@ def record_use(folder: str, run_dir: str, data_path: str) -> None:
     use = {"time": time.time(), "run_dir": run_dir, "data_path": os.path.abspath(data_path),
            "host": socket.gethostname(), "pid": os.getpid()}
     older = [u for u in read_uses(path) or [] if u["run_dir"] != run_dir]
-    staging = staging_name(path)
-    try:
-        with open(staging, "w") as f:
-            json.dump({"fingerprint": fingerprint, "uses": [use, *older][:USES_KEPT]}, f, indent=1)
-        sync_tree(staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    sync_folder_of(path)
+    record = {"fingerprint": fingerprint, "uses": [use, *older][:USES_KEPT]}
+    publish_file(path, lambda file: file.write(json.dumps(record, indent=1).encode()))
 
 
 def read_uses(path: str) -> Optional[list[dict]]:

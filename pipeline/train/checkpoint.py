@@ -24,7 +24,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from pipeline.cache import staging_name, sync_folder_of, sync_tree
+from pipeline.cache import publish_file, staging_name, sync_tree
 
 MODEL, MERGED, METRICS, STATE, RNG = "model", "merged", "metrics.jsonl", "trainer_state.json", "rng.pt"
 
@@ -217,14 +217,5 @@ def copy_results(checkpoint, run_dir: str) -> None:
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # (gone already once renamed)
-    target = os.path.join(run_dir, METRICS)
-    staging = staging_name(target)
-    try:
-        with filesystem.open_input_stream(f"{root}/{METRICS}") as source, open(staging, "wb") as out:
-            out.write(source.read())
-        sync_tree(staging)
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    sync_folder_of(target)
+    with filesystem.open_input_stream(f"{root}/{METRICS}") as source:
+        publish_file(os.path.join(run_dir, METRICS), lambda file: file.write(source.read()))
