@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.plan import GIB, activation_bytes_per_token, describe, estimate, forward_tokens, lora_params, \
-    model_shape, plan
+from pipeline.model_shape import activation_bytes_per_token, lora_params, model_shape
+from pipeline.plan import GIB, describe, estimate, forward_tokens, plan
 
 V, H, FF, L, HEADS, KV_HEADS = 1000, 64, 160, 3, 2, 1  # head_dim 32: k and v project to 32
 KV = H // HEADS * KV_HEADS
