@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.data import stage
+
 from conftest import launch, launch_here, tokenizer_text, write_feedback
 
 pytestmark = pytest.mark.slow
@@ -62,7 +64,9 @@ def _first_run(tmp_path, tiny_model):
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    scored = launch_here("precompute", "--config", str(path))  # data + reference stages only
+    with pytest.MonkeyPatch.context() as patch:  # parts of 4 rows: the reference stage reads several files in order
+        patch.setattr(stage, "ROWS_PER_PART", 4)
+        scored = launch_here("precompute", "--config", str(path))  # data + reference stages only
     assert scored.returncode == 0, scored.stderr[-3000:]
     first = launch("train", "--config", str(path))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -74,6 +78,8 @@ def test_train_writes_the_run_directory_and_reuses_the_reference_cache(tiny_run)
     config, runs, precomputed, summary, first = tiny_run
     stdout = first.stdout
     assert os.path.isfile(precomputed["scored"]) and precomputed["data"]["reference_cache_hit"] is False
+    parts = os.listdir(os.path.join(os.path.dirname(precomputed["scored"]), "examples"))
+    assert len(parts) == -(-precomputed["data"]["kept"] // 4), parts  # (scores checked row by row below)
     run = runs / "first"
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "metrics.jsonl",
                  "summary.json", "config.yaml", "rejected/train-part-00000.parquet"):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cache import check_table
-from pipeline.data.step_file import RankSteps, Schedule, prefetched, write_step_file
+from pipeline.data.step_file import RankSteps, Schedule, prefetched, take_rows, write_step_file
 from pipeline.train.step import MicroBatch
 
 
@@ -80,6 +80,16 @@ def test_each_rank_streams_exactly_the_rows_of_the_whole_table_reader_from_any_s
     assert write_step_file(str(tmp_path / "examples-scored-k.parquet"), schedule) == (path, total_steps)
     assert (tmp_path / path.rsplit("/", 1)[1]).stat().st_mtime_ns == modified
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["examples-scored-k.parquet", path.rsplit("/", 1)[1]])
+
+
+def test_take_rows_reads_the_rows_a_whole_table_take_gives(tmp_path):
+    scored = scored_table(500, seed=3)
+    pq.write_table(scored, tmp_path / "scored.parquet", row_group_size=64)
+    rows = np.sort(np.random.default_rng(1).choice(500, 40, replace=False))
+    for columns in (None, ["source_file", "source_row"]):
+        expected = scored.take(pa.array(rows)) if columns is None else scored.select(columns).take(pa.array(rows))
+        assert take_rows(str(tmp_path / "scored.parquet"), rows, columns).equals(expected)
+    assert take_rows(str(tmp_path / "scored.parquet"), [], ["source_row"]).num_rows == 0
 
 
 def test_an_error_in_the_prefetching_thread_is_raised_at_the_step_it_stopped_at():

@@ -28,6 +28,7 @@ from pipeline.data.pairing import KLPairer
 from pipeline.data.tokenize import ADDED_COLUMNS, tokenize_batch
 
 LENGTH_BINS = 1 << 16  # token-length histograms are exact below this and clipped above
+ROWS_PER_PART = 1 << 16  # rows of a part file of the data stage (PartWriter)
 
 
 @dataclass(frozen=True)
@@ -49,26 +50,30 @@ class DataSettings:
 
 class PartWriter:
     """Parquet part files in one folder, written as rows stream by; a new part whenever the
-    schema changes (JSON blocks can infer different types for the same column)."""
+    schema changes (JSON blocks can infer different types for the same column) and every
+    ROWS_PER_PART rows: Ray Data reads a file in one task, so the reference stage streams a
+    folder of parts part by part, where one file of a million rows would be read whole into
+    one worker and the object store."""
 
     def __init__(self, folder: str):
-        self.folder, self.writer, self.parts = folder, None, 0
+        self.folder, self.writer, self.parts, self.rows = folder, None, 0, 0
 
     def write(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        if self.writer is not None and not self.writer.schema.equals(table.schema):
+        if self.writer is not None and (self.rows >= ROWS_PER_PART or not self.writer.schema.equals(table.schema)):
             self.close()
         if self.writer is None:
             os.makedirs(self.folder, exist_ok=True)
             self.writer = pq.ParquetWriter(os.path.join(self.folder, f"part-{self.parts:05d}.parquet"), table.schema)
             self.parts += 1
         self.writer.write_table(table)
+        self.rows += table.num_rows
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.writer = None
+            self.writer, self.rows = None, 0
 
 
 class Tally:

@@ -25,7 +25,7 @@ import queue
 import shutil
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -181,6 +181,20 @@ class RankSteps:
             for step in range(max(start, first), min(first + self.layout["steps_per_group"], self.total_steps)):
                 mine = steps == step
                 yield step, [table.filter(pa.array(mine & (micro == m))) for m in range(self.accumulation)]
+
+
+def take_rows(path: str, rows, columns: Optional[list[str]] = None) -> pa.Table:
+    """These rows of a Parquet file (indices, ascending), reading only the row groups that hold them,
+    one at a time: a worker's few sampled or named rows of the scored file cost a row group, not the
+    file (pyarrow.dataset's take reads the whole file ahead: measured +166 MiB at 200k rows, +695 MiB
+    at 800k, for 64 rows)."""
+    file = pq.ParquetFile(path)
+    starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
+    rows = np.asarray(rows, np.int64)
+    groups = np.searchsorted(starts, rows, side="right") - 1
+    parts = [file.read_row_group(int(g), columns=columns).take(pa.array(rows[groups == g] - starts[g]))
+             for g in np.unique(groups)]
+    return pa.concat_tables(parts) if parts else file.schema_arrow.empty_table().select(columns or file.schema_arrow.names)
 
 
 def prefetched(items: Iterator, depth: int) -> Iterator:

@@ -13,9 +13,10 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset
+import pyarrow.parquet as pq
 import torch
 
+from pipeline.data.step_file import take_rows
 from pipeline.logprobs import length_grouped_batches
 from pipeline.train.engines import all_reduce_max, all_reduce_sum, world_size
 from pipeline.train.step import logps_without_grad
@@ -33,10 +34,9 @@ def skip_reason(config, model_path: str, reference_path: str) -> Optional[str]:
 
 def sample_rows(scored_path: str, rows: int, seed: int) -> pa.Table:
     """A seeded sample of the scored file, read without loading the rest of it."""
-    scored = pyarrow.dataset.dataset(scored_path)
-    count = scored.count_rows()  # (choice without replacement: memory of the sample's size, not the file's)
-    order = np.random.default_rng(seed).choice(count, min(rows, count), replace=False)
-    return scored.take(pa.array(np.sort(order)))
+    count = pq.ParquetFile(scored_path).metadata.num_rows
+    # (choice without replacement: memory of the sample's size, not the file's)
+    return take_rows(scored_path, np.sort(np.random.default_rng(seed).choice(count, min(rows, count), replace=False)))
 
 
 def measure(engine, sample: pa.Table, rank: int, pad_token_id: int, max_tokens: int) -> dict:

@@ -15,12 +15,11 @@ import time
 import uuid
 from typing import Optional
 
-import pyarrow.dataset
 import pyarrow.fs
 import torch
 
 from pipeline.config import Config
-from pipeline.data.step_file import RankSteps, prefetched
+from pipeline.data.step_file import RankSteps, prefetched, take_rows
 from pipeline.fit import WorkerPlan, write_stop
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.train import checkpoint, drift
@@ -120,7 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def non_finite_message(error: NonFiniteStep, step: int, scored_path: str, last_good_step: int,
                        shown: int = 10) -> str:
     """What the user reads: the step, and the rows at fault by their source file and row."""
-    sources = pyarrow.dataset.dataset(scored_path).take(error.rows[:shown], columns=["source_file", "source_row"])
+    sources = take_rows(scored_path, sorted(error.rows[:shown]), columns=["source_file", "source_row"])
     named = ", ".join(f"{file} row {row}" for file, row in zip(sources.column("source_file").to_pylist(),
                                                                sources.column("source_row").to_pylist()))
     more = f" and {len(error.rows) - shown} more" if len(error.rows) > shown else ""
