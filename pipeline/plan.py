@@ -30,6 +30,10 @@ from pipeline.model_shape import Shape, activation_bytes_per_token, lora_params,
 GIB = 2**30
 DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed's default reduce_bucket_size (elements)
 GPU_RUNTIME_RESERVE = GIB  # CUDA context, cuBLAS workspace, NCCL buffers: a rule of thumb, not measured here
+# What a CPU training process holds beyond the tensors counted here while it steps, measured on the tiny
+# model, whose model-sized parts are ~60 MiB (benchmarks/plan_calibration.py): the step's runtime, and
+# with DeepSpeed its engine (~46 MiB more, whatever the model's size); checked on SmolLM2-135M.
+CPU_RUNTIME_RESERVE = {"ddp": 23 * 2**20, "deepspeed": 69 * 2**20}
 
 
 def forward_tokens(config) -> tuple[int, int, int]:
@@ -123,7 +127,7 @@ def trainer_bytes(config, shape: Shape, per_node: int) -> dict:
     optimizer_temp = 4 * (optimized if on_gpu else min(optimized, shape.largest_layer))
     parts = {**states, "activations": activations, "logits": logits, "layer_backward": working,
              "gradient_bucket": bucket, "optimizer_step_temporary": optimizer_temp,
-             "runtime_reserve": GPU_RUNTIME_RESERVE if on_gpu else 0}
+             "runtime_reserve": GPU_RUNTIME_RESERVE if on_gpu else CPU_RUNTIME_RESERVE[config.scaling.strategy]}
     backward = (states["weights"] + states["optimizer_states"] + persistent_grads + activations
                 + max(logits, working))
     step = states["weights"] + states["optimizer_states"] + states["gradients"] + bucket + optimizer_temp

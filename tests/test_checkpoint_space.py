@@ -4,8 +4,10 @@ bytes needed and the bytes free, before anything of the checkpoint is written.""
 
 import os
 import shutil
+import subprocess
 
 import torch
+import pytest
 from transformers import AutoTokenizer
 
 from pipeline.models import load_causal_lm
@@ -18,11 +20,18 @@ def folder_bytes(folder) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
-def test_the_estimate_covers_what_a_ddp_save_writes_and_not_much_more(tmp_path, tiny_model):
+def stepped_engine(tiny_model) -> PlainEngine:
+    """The tiny model after one AdamW step: its moments exist, the optimizer state is as large as it gets."""
     model = load_causal_lm(tiny_model, False)
     engine = PlainEngine(model, *make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10), max_grad_norm=1.0)
     model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
-    engine.step()  # AdamW's moments now exist: the optimizer state is as large as it gets
+    engine.step()
+    return engine
+
+
+def test_the_estimate_covers_what_a_ddp_save_writes_and_not_much_more(tmp_path, tiny_model):
+    engine = stepped_engine(tiny_model)
+    model = engine.module
     parameters = sum(p.numel() for p in model.parameters())
     estimate = checkpoint.bytes_needed(engine, 0, merge_adapters=False)
     # hand arithmetic: float32 weights (4 bytes) exported, two float32 moments (8 bytes), a tenth more, 1 MiB
@@ -44,3 +53,36 @@ def test_a_volume_without_room_is_named_with_the_bytes_needed_and_free(tmp_path)
     free_named = int(problem.split("that volume has ", 1)[1].split(" bytes", 1)[0].replace(",", ""))
     assert abs(free_named - free) < 2**30  # (the volume is shared: its free space moves a little)
     assert not target.parent.exists()
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A 4 MiB tmpfs: a volume this test can fill (mounting needs root, or CAP_SYS_ADMIN)."""
+    path = tmp_path / "volume"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): the full-volume case runs where "
+                    "the tests may mount one (as root)")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_on_a_filled_volume_the_check_refuses_what_the_write_would_fail_on(small_volume, tiny_model):
+    engine, tokenizer = stepped_engine(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    needed = checkpoint.bytes_needed(engine, 0, merge_adapters=False)
+    filler = small_volume / "other-runs-files"
+    with open(filler, "wb") as f:  # leave half of what the checkpoint needs
+        f.write(b"\0" * (shutil.disk_usage(small_volume).free - needed // 2))
+    target = small_volume / "checkpoint_000001_ab12cd34"
+    problem = checkpoint.space_problem(str(target), needed, 0, 1)
+    assert problem and f"in {target}, and that volume has" in problem
+    # what the check spares the run: a write that dies half-way on a full volume (torch.save: RuntimeError)
+    with pytest.raises((OSError, RuntimeError)):
+        checkpoint._write(str(target), engine, TrainerState(step=1), ["{}\n"], 0, tokenizer, merge_adapters=False)
+    shutil.rmtree(target)
+    filler.unlink()  # room again: the check passes and the same checkpoint is written whole
+    assert checkpoint.space_problem(str(target), needed, 0, 1) is None
+    checkpoint._write(str(target), engine, TrainerState(step=1), ["{}\n"], 0, tokenizer, merge_adapters=False)
+    assert (target / "trainer_state.json").exists() and folder_bytes(target) <= needed
