@@ -61,7 +61,7 @@ def save(engine, state: TrainerState, history: list[str], metrics: dict, rank: i
 
     storage = ray.train.get_context().get_storage()
     name = f"checkpoint_{state.step:06d}_{attempt}"  # (a killed attempt's partial folder is never reused)
-    in_place = scratch_dir is None and isinstance(storage.storage_filesystem, pafs.LocalFileSystem)
+    in_place = scratch_dir is None  # (the worker sets one for a storage path that is not local)
     folder = os.path.join(storage.experiment_fs_path, name) if in_place else os.path.join(scratch_dir, f"{name}-{rank}")
     problem = space_problem(folder, bytes_needed(engine, rank, merge_adapters), rank, state.step)
     problems = [found for found in all_gather_objects(problem) if found]
