@@ -1,6 +1,7 @@
 """A checkpoint's layout, written (by the workers) and read (by a resuming worker and by the
-driver) here only. One folder a checkpoint, written by every rank and merged by Ray Train, which
-registers it only when every rank's part has arrived:
+driver) here only. One folder a checkpoint, named by its step and the worker group's start, written
+by every rank (in place in local storage, or staged and uploaded: save), which Ray Train registers
+only when every rank's part has arrived:
 
     model/              the Hugging Face export (safetensors, config, tokenizer): usable as is
                         (with LoRA: the adapter, `PeftModel.from_pretrained(base, path)`)
