@@ -2,6 +2,7 @@
 TorchTrainer over the workers (pipeline/train/worker.py), and what the driver takes from its last
 checkpoint. Also the deletion of a finished run's checkpoints (retraining cycles)."""
 
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -222,6 +223,18 @@ def _describe(run) -> str:
 EMBEDDED_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+@contextlib.contextmanager
+def environment(defaults: dict):
+    """These environment variables, where the user has not set them, for the `with` block only."""
+    added = {name: value for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerState, float]:
     """The Ray Train run over the scheduled steps (resumed where checkpoints exist); copies the last
     checkpoint's model (and merged model) and metrics into the run directory. Returns the last
@@ -230,9 +243,6 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
 
     s, t = config.scaling, config.training
     _, folder, storage_path = checkpoint_storage(config)
-    if not s.address:
-        for name, value in EMBEDDED_RAY_TRAIN.items():  # (Ray Train hands these to its controller)
-            os.environ.setdefault(name, value)
     trainer = torch_trainer_class(embedded=not s.address)(
         train_loop,
         train_loop_config=plan.loop_config(config),
@@ -246,7 +256,9 @@ def fit(config: Config, plan: WorkerPlan, total_steps: int) -> tuple[TrainerStat
     )
     take_stop(config)  # (a stop left by an earlier attempt is not this one's)
     started = time.time()
-    with StepProgress(config.run_dir, total_steps):
+    # (Ray Train hands these to its controller when fit() starts it; set for that call only, so that a
+    # process which trains, then launches something else, does not pass them on)
+    with StepProgress(config.run_dir, total_steps), environment({} if s.address else EMBEDDED_RAY_TRAIN):
         result = trainer.fit()
     elapsed = time.time() - started
     check_owner(config, *checkpoint_storage(config)[:2], run_identity(config))  # still ours: a result to deliver

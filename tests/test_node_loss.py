@@ -34,8 +34,8 @@ pytestmark = pytest.mark.slow
 # until then the lost node's CPU counts as free and the new worker group's placement group waits for it
 # (measured: declared dead 12.7 s after the loss; the new group started 2.5 s later). Every 1 s here.
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-# Ray Train's poll of the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), set here: this process's
-# environment holds fit.py's 0.5 s for embedded runs once a run has trained in it.
+# Ray Train's poll of the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default 2 s on a cluster), set
+# here for a known pace: a worker's next report waits for the poll that takes its last one.
 POLL_S = "1"
 
 
