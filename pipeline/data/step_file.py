@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cache import fingerprint, private_folder, staging_name, sync_folder_of, sync_tree
+from pipeline.cache import fingerprint, private_folder, publish_file, staging_name
 from pipeline.data.pairing import build_schedule
 
 TRAINED_COLUMNS = ("prompt_ids", "completion_ids", "label", "kl_completion_ids", "ref_logp", "ref_kl_logp")
@@ -79,20 +79,14 @@ def write_step_file(scored_path: str, schedule: Schedule, group_rows: int = GROU
                             math.ceil(math.ceil(total_steps / steps_per_group) / MAX_BUCKETS))
     steps_per_bucket = steps_per_group * groups_per_bucket
     scratch = private_folder(staging_name(target) + ".buckets")
-    staging = staging_name(target)
     try:
         buckets = _fill_buckets(scored_path, steps, slots, rows, steps_per_bucket, scratch)
         del steps, slots, rows
         layout = {"total_steps": total_steps, "steps_per_group": steps_per_group,
                   "global_batch_size": schedule.global_batch_size}
-        _write_in_step_order(buckets, layout, staging)
-        sync_tree(staging)
-        os.replace(staging, target)
-        sync_folder_of(target)
+        publish_file(target, lambda file: _write_in_step_order(buckets, layout, file))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if os.path.exists(staging):
-            os.remove(staging)
     return target, total_steps
 
 
@@ -116,8 +110,8 @@ def _fill_buckets(scored_path: str, steps, slots, rows, steps_per_bucket: int, s
             taken = taken.add_column(0, "step", pa.array(steps[wanted], pa.int32()))
             bucket_of = steps[wanted] // steps_per_bucket
             order = np.argsort(bucket_of, kind="stable")
-            bounds = np.flatnonzero(np.diff(bucket_of[order])) + 1
-            for part in np.split(order, bounds):
+            for start, stop in zip(*_runs(bucket_of[order])):
+                part = order[start:stop]
                 bucket = int(bucket_of[part[0]])
                 if bucket not in writers:
                     writers[bucket] = pa.ipc.new_stream(paths[bucket], taken.schema)
@@ -128,7 +122,7 @@ def _fill_buckets(scored_path: str, steps, slots, rows, steps_per_bucket: int, s
     return [path for path in paths if os.path.exists(path)]
 
 
-def _write_in_step_order(buckets: list[str], layout: dict, target: str) -> None:
+def _write_in_step_order(buckets: list[str], layout: dict, target) -> None:
     """Pass two: each bucket sorted by (step, slot), appended a row group per `steps_per_group` steps."""
     writer = None
     try:
