@@ -75,7 +75,7 @@ def _meta_model(cfg, trust_remote_code: bool, dtype):
 def _shape(cfg, source: str, trust_remote_code: bool) -> Shape:
     import torch
 
-    from pipeline.logprobs import PLAIN_HEAD_MODEL_TYPES
+    from pipeline.packing import PACKABLE_MODEL_TYPES
 
     model = _meta_model(cfg, trust_remote_code, torch.float32)
     params = {id(p): p.numel() for p in model.parameters()}  # a tied weight is one Parameter
@@ -90,7 +90,7 @@ def _shape(cfg, source: str, trust_remote_code: bool) -> Shape:
     return Shape(source=source, model_type=cfg.model_type, params=sum(params.values()), largest_layer=largest,
                  vocab=text.vocab_size, hidden=text.hidden_size, layers=text.num_hidden_layers,
                  kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim,
-                 plain_head=cfg.model_type in PLAIN_HEAD_MODEL_TYPES, linears=linears)
+                 plain_head=cfg.model_type in PACKABLE_MODEL_TYPES, linears=linears)
 
 
 def lora_params(shape: Shape, r: int, target_modules) -> int:

@@ -117,12 +117,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A causal LM from a local folder, float32 unless `dtype` says otherwise."""
+    """A causal LM from a local folder, float32 unless `dtype` says otherwise; transformers' own
+    architectures that can run packed forwards run the `kto_packed` attention (pipeline/packing.py:
+    plain SDPA for any forward that is not packed)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                dtype=dtype or torch.float32)
+    from pipeline import packing
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                 dtype=dtype or torch.float32)
+    if model.config.model_type in packing.PACKABLE_MODEL_TYPES and type(model).__module__.startswith("transformers."):
+        model.set_attn_implementation(packing.register())
+    return model
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.logprobs import collate, length_grouped_batches, sequence_logps
+from pipeline.logprobs import batch_of, length_grouped_batches, sequence_logps
+from pipeline.packing import packs
 from pipeline.train.engines import all_gather_objects, all_reduce_max, all_reduce_sum, world_size
 from pipeline.train.loss import kto_loss
 
@@ -87,23 +88,24 @@ class NonFiniteStep(RuntimeError):
 
 
 def forward_groups(micro_batches: list[MicroBatch], completions: str, max_tokens: int,
-                   pairs: bool = False) -> list[list[int]]:
+                   pairs: bool = False, packed: bool = False) -> list[list[int]]:
     """Which of this rank's rows (indices into the micro-batches laid end to end) share a forward.
 
-    0: the scheduled micro-batches. Otherwise rows of similar length, under `max_tokens` padded
-    tokens a forward: padding is most of the waste on real feedback, and the sums the step
-    takes do not depend on how rows are grouped. With `pairs` (kto_pairwise: rows 2k and 2k+1
-    are a pair, whose loss needs both) a pair is never split, and stays in its order.
+    0: the scheduled micro-batches. Otherwise rows of similar length, under `max_tokens` tokens
+    a forward (padded tokens; with `packed` forwards, the rows' own): padding is most of the
+    waste on real feedback, and the sums the step takes do not depend on how rows are grouped.
+    With `pairs` (kto_pairwise: rows 2k and 2k+1 are a pair, whose loss needs both) a pair is
+    never split, and stays in its order.
     """
     if max_tokens <= 0:
         starts = np.cumsum([0] + [len(mb.prompt_ids) for mb in micro_batches])
         return [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
     lengths = [len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, getattr(mb, completions))]
     if not pairs:
-        return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths))
+        return length_grouped_batches(lengths, max_tokens, max_rows=len(lengths), packed=packed)
     longer = [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)]
     return [[row for k in group for row in (2 * k, 2 * k + 1)]
-            for group in length_grouped_batches(longer, max(max_tokens // 2, 1), max_rows=len(longer))]
+            for group in length_grouped_batches(longer, max(max_tokens // 2, 1), max_rows=len(longer), packed=packed)]
 
 
 def _padded(groups: list[list[int]], equal: bool, device: torch.device) -> list[Optional[list[int]]]:
@@ -146,10 +148,10 @@ def _device(engine) -> torch.device:
     return next(engine.module.parameters()).device
 
 
-def _batch(rows: list[int], prompt_ids: list, completion_ids: list, pad_token_id: int, device) -> dict:
+def _batch(model, rows: list[int], prompt_ids: list, completion_ids: list, pad_token_id: int, device) -> dict:
     if not rows:  # a forward that counts for nothing (ZeRO needs every rank to run as many as the busiest)
-        return collate([[pad_token_id]], [[pad_token_id]], pad_token_id, device)
-    return collate([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], pad_token_id, device)
+        return batch_of(model, [[pad_token_id]], [[pad_token_id]], pad_token_id, device)
+    return batch_of(model, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], pad_token_id, device)
 
 
 def logps_without_grad(engine, prompt_ids: list, completion_ids: list, groups: list[list[int]],
@@ -160,7 +162,8 @@ def logps_without_grad(engine, prompt_ids: list, completion_ids: list, groups: l
     out = torch.zeros(len(prompt_ids), dtype=torch.float32, device=device)
     with torch.no_grad():
         for group in _padded(groups, engine.equal_forwards, device):
-            logps = sequence_logps(engine.module, _batch(group or [], prompt_ids, completion_ids, pad_token_id, device))
+            batch = _batch(engine.module, group or [], prompt_ids, completion_ids, pad_token_id, device)
+            logps = sequence_logps(engine.module, batch)
             if group:
                 out[group] = logps
     return out
@@ -177,13 +180,14 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
     model = engine.module
     device = _device(engine)
     rows = _concatenated(micro_batches)
+    packed = packs(model, device)
     faulty = ~torch.isfinite(rows.ref_logp)  # rows whose inputs or log-probs are NaN / inf
     loss_not_finite = torch.zeros(len(rows.prompt_ids), dtype=torch.bool)
 
     if s.loss_type == "apo_zero_unpaired":  # no reference point: no KL forward (as TRL); kl reads 0
         kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     else:
-        kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward)
+        kl_groups = forward_groups(micro_batches, "kl_completion_ids", s.max_tokens_per_forward, packed=packed)
         kl_logps = logps_without_grad(engine, rows.prompt_ids, rows.kl_completion_ids, kl_groups, s.pad_token_id)
         kl_sum = (kl_logps - rows.ref_kl_logp.to(device)).double().sum()
         faulty |= ~torch.isfinite(kl_logps.cpu() - rows.ref_kl_logp)
@@ -196,10 +200,10 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
     # loss, rewards and log-probs by side, tokens, rows on the right side of z0 (implied-reward accuracy)
     stats = torch.zeros(9, dtype=torch.float64, device=device)
     groups = forward_groups(micro_batches, "completion_ids", s.max_tokens_per_forward,
-                            pairs=s.loss_type == "kto_pairwise")
+                            pairs=s.loss_type == "kto_pairwise", packed=packed)
     with contextlib.nullcontext() if backward else torch.no_grad():
         for group in _padded(groups, engine.equal_forwards, device):
-            batch = _batch(group or [], rows.prompt_ids, rows.completion_ids, s.pad_token_id, device)
+            batch = _batch(model, group or [], rows.prompt_ids, rows.completion_ids, s.pad_token_id, device)
             logps = sequence_logps(model, batch)
             if not group:
                 if backward:
@@ -222,7 +226,7 @@ def _kto_pass(engine, micro_batches: list[MicroBatch], s: StepSettings, backward
                 (rewards * chosen).sum(), chosen.sum(),
                 (rewards * (1 - chosen)).sum(), (1 - chosen).sum(),
                 (logps.detach().double() * chosen).sum(), (logps.detach().double() * (1 - chosen)).sum(),
-                batch["attention_mask"].sum().double(), right.sum(),
+                torch.tensor(float(batch["num_tokens"]), dtype=torch.float64, device=device), right.sum(),
             ])
     all_reduce_sum(stats)
     loss_sum, chosen_sum, n_chosen, rejected_sum, n_rejected, chosen_logps, rejected_logps, tokens, right = \
