@@ -101,7 +101,9 @@ class TrainingConfig:
     train_sampling_strategy: str = one_of("random", ("random", "sequential"))
     save_steps: int = ranged(0, ge=0, note="0: only at the end")  # checkpoint every N optimizer steps
     save_total_limit: int = ranged(0, ge=0, note="0: keep all")  # keep the newest N checkpoints
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~30% more time
+    # recompute each layer in the backward: activations ~10x smaller for ~16% more step time on CPU
+    # (benchmarks/NOTES.md); null: on GPU workers only (memory is what bounds a GPU's batch)
+    gradient_checkpointing: Optional[bool] = None
     # bfloat16 trainers (scaling.strategy deepspeed; gradients still summed in float32); null: on GPUs only
     bf16: Optional[bool] = None
     # TensorBoard / MLflow / W&B get every N-th step (and the last); metrics.jsonl all
@@ -224,6 +226,13 @@ class Config:
         if self.training.bf16 is None:
             return self.scaling.strategy == "deepspeed" and self.scaling.use_gpu
         return self.training.bf16
+
+    @property
+    def trainer_gradient_checkpointing(self) -> bool:
+        """Whether the trainers recompute activations in the backward."""
+        if self.training.gradient_checkpointing is None:
+            return self.scaling.use_gpu
+        return self.training.gradient_checkpointing
 
     @property
     def global_batch_size(self) -> int:

@@ -13,9 +13,10 @@ Where the numbers come from:
   offloaded states.
 - DeepSpeed's gradient bucket: `reduce_bucket_size` (5e8 elements, its default; this project sets none),
   allocated whole on a GPU (stage 1 in float32 when bf16 accumulates in float32; two with stage 3's overlap).
-- Logits: pipeline/logprobs.py runs the head on completion positions only (plain-head architectures) and
-  takes a float32 log-softmax: [positions, vocab] of head output, its float32 copy, the saved
-  log-softmax, and in the backward its gradient in and out (12 bytes a logit in float32, 14 in bf16).
+- Logits: pipeline/logprobs.py runs the head on completion positions only (plain-head architectures), in
+  chunks of HEAD_CHUNK_ELEMENTS logits that the backward recomputes, and takes a float32 log-softmax: a
+  chunk's head output, its float32 copy and log-softmax, and in the backward its gradient in and out
+  (12 bytes a logit in float32, 14 in bf16); other architectures hold every position's logits whole.
 - Calibrated on CPUs against measured peaks (benchmarks/plan_calibration.py; benchmarks/NOTES.md).
 """
 
@@ -49,10 +50,14 @@ def forward_tokens(config) -> tuple[int, int, int]:
 
 def logits_bytes(shape: Shape, tokens: int, positions: int, dtype_bytes: int, backward: bool) -> int:
     """The head's output on the scored positions, its float32 copy and log-softmax (and in a backward the
-    log-softmax's gradient in and out); architectures whose head runs on every position first hold all of them."""
+    log-softmax's gradient in and out): one chunk of them at a time where the head runs on the scored
+    positions alone; architectures whose head runs on every position hold all of them, and every logit first."""
+    from pipeline.logprobs import HEAD_CHUNK_ELEMENTS  # (torch: imported by those that plan, not by the driver)
+
     per_logit = (12 if dtype_bytes == 4 else 14) if backward else (8 if dtype_bytes == 4 else 10)
-    full = 0 if shape.plain_head else tokens * shape.vocab * dtype_bytes
-    return positions * shape.vocab * per_logit + full
+    if shape.plain_head:
+        return min(positions, max(1, HEAD_CHUNK_ELEMENTS // shape.vocab)) * shape.vocab * per_logit
+    return positions * shape.vocab * per_logit + tokens * shape.vocab * dtype_bytes
 
 
 def zero_states(stage: int, params: int, largest: int, workers: int, per_node: int, offload_optimizer: bool,
@@ -117,13 +122,14 @@ def trainer_bytes(config, shape: Shape, per_node: int) -> dict:
     rows, tokens, positions = forward_tokens(config)
     per_layer, outside = activation_bytes_per_token(shape, "bfloat16" if bf16 else "float32",
                                                     config.model.trust_remote_code)
-    if config.training.gradient_checkpointing:  # each layer's input kept; one layer recomputed in the backward
+    if config.trainer_gradient_checkpointing:  # each layer's input kept; one layer recomputed in the backward
         activations, working = tokens * (shape.layers * shape.hidden * w + outside), 2 * per_layer * tokens
     else:
         activations, working = tokens * (shape.layers * per_layer + outside), per_layer * tokens
     logits = logits_bytes(shape, tokens, positions, w, backward=True)
-    # torch's AdamW: foreach on GPUs (one temporary copy of what it updates), one tensor at a time on CPUs
-    optimized = 0 if offloaded else trainable // (1 if config.scaling.strategy == "ddp" else workers)
+    # ddp: torch's fused AdamW (no temporaries); under DeepSpeed torch's AdamW, foreach on GPUs (one
+    # temporary copy of what it updates), one tensor at a time on CPUs
+    optimized = 0 if offloaded or config.scaling.strategy == "ddp" else trainable // workers
     optimizer_temp = 4 * (optimized if on_gpu else min(optimized, shape.largest_layer))
     parts = {**states, "activations": activations, "logits": logits, "layer_backward": working,
              "gradient_bucket": bucket, "optimizer_step_temporary": optimizer_temp,
@@ -221,15 +227,15 @@ def _with(config, key: str, value):
 
 def trainer_changes(config) -> list[list[tuple[str, object]]]:
     """Single changes that lower a trainer's memory, cheapest first: a smaller forward budget (only
-    padding and speed change), gradient checkpointing (~30% slower steps), the next ZeRO stages, offload,
+    padding and speed change), gradient checkpointing (~16-30% slower steps), the next ZeRO stages, offload,
     then more workers (more GPUs)."""
-    t, ds, length = config.training, config.deepspeed, config.kto.max_length
+    ds, length = config.deepspeed, config.kto.max_length
     changes: list[list[tuple[str, object]]] = []
     tokens = forward_tokens(config)[1]
     while tokens // 2 >= length:
         tokens //= 2
         changes.append([("training.max_tokens_per_forward", tokens // length * length)])
-    if not t.gradient_checkpointing:
+    if not config.trainer_gradient_checkpointing:
         changes.append([("training.gradient_checkpointing", True)])
     deepspeed = config.scaling.strategy == "deepspeed"
     for stage in range(ds.zero_stage + 1 if deepspeed else 1, 4):
@@ -294,7 +300,7 @@ def plan(config, gpu_memory_gib: float, gpus_per_node: int = 8) -> dict:
                      "offload_optimizer": config.deepspeed.offload_optimizer,
                      "offload_param": config.deepspeed.offload_param, "workers": config.scaling.num_workers,
                      "use_gpu": config.scaling.use_gpu, "lora_r": config.lora.r,
-                     "gradient_checkpointing": config.training.gradient_checkpointing,
+                     "gradient_checkpointing": config.trainer_gradient_checkpointing,
                      "max_length": config.kto.max_length,
                      "per_device_batch": config.training.per_device_train_batch_size,
                      "max_tokens_per_forward": config.training.max_tokens_per_forward}

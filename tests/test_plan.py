@@ -99,7 +99,7 @@ def test_activations_match_a_real_forward(tiny_model):
     assert shape.layers * per_layer + outside == pytest.approx(sum(kept.values()) / ids.numel(), rel=0.05)
 
 
-def test_tokens_and_logits_by_hand(llama):
+def test_tokens_and_logits_by_hand(llama, wide_llama):
     c = config_of(llama, "training.per_device_train_batch_size=8", "training.gradient_accumulation_steps=2",
                   "kto.max_length=256", "kto.max_prompt_length=128", "training.max_tokens_per_forward=1024")
     assert forward_tokens(c) == (4, 1024, 4 * 255)  # 1024 // 256 rows a forward, one prompt token each
@@ -107,19 +107,23 @@ def test_tokens_and_logits_by_hand(llama):
                                     "kto.max_prompt_length=128")) == (8, 8 * 256, 8 * 255)  # one micro-batch
     trainer = estimate(c, 80)["trainer"]
     assert trainer["bytes"]["logits"] == 4 * 255 * V * 12  # float32: log-softmax saved + its gradient in and out
+    # A large vocabulary: the head runs in chunks of 2^26 logits (167 positions of 400,000), one alive at a time.
+    wide = estimate(config_of(wide_llama, "kto.max_length=256", "kto.max_prompt_length=128"), 80)["trainer"]
+    assert wide["bytes"]["logits"] == (2**26 // V_WIDE) * V_WIDE * 12  # (whole: 8 rows x 255 positions)
 
 
 def test_a_config_that_does_not_fit_gets_the_first_change_that_does(wide_llama):
-    c = config_of(wide_llama, "scaling.num_workers=2", "kto.max_length=2", "kto.max_prompt_length=1",
+    c = config_of(wide_llama, "scaling.num_workers=4", "kto.max_length=2", "kto.max_prompt_length=1",
                   "training.per_device_train_batch_size=1", "training.gradient_checkpointing=true")
-    zero2 = estimate(config_of(wide_llama, "scaling.num_workers=2", "kto.max_length=2", "kto.max_prompt_length=1",
+    zero2 = estimate(config_of(wide_llama, "scaling.num_workers=4", "kto.max_length=2", "kto.max_prompt_length=1",
                                "training.per_device_train_batch_size=1", "training.gradient_checkpointing=true",
                                "scaling.strategy=deepspeed", "deepspeed.zero_stage=2"), 80)["host"]["training"]
     ddp = estimate(c, 80)["host"]["training"]
-    # float32 on CPUs, 2 workers on one node: ddp holds 16P a worker (test_model_states_by_hand), ZeRO-2
-    # partitions the gradients and AdamW's states, ZeRO-1 keeps whole float32 gradients besides its partition
-    # (measured: 4P more than ZeRO-2, as much as ddp); DeepSpeed's engine costs a fixed 46 MiB more a worker
-    assert ddp > 2 * 16 * P_WIDE + 2 * CPU_RUNTIME_RESERVE["ddp"] and zero2 + 2 * 4 * P_WIDE > ddp > zero2
+    # float32 on CPUs, 4 workers on one node: ddp holds 16P a worker (test_model_states_by_hand; its fused
+    # AdamW needs no temporaries), ZeRO-2 partitions the gradients and AdamW's states, ZeRO-1 keeps whole
+    # float32 gradients besides its partition (measured: 4P more than ZeRO-2); DeepSpeed's engine costs a
+    # fixed 46 MiB more a worker
+    assert ddp > 4 * 16 * P_WIDE + 4 * CPU_RUNTIME_RESERVE["ddp"] and zero2 + 4 * 4 * P_WIDE > ddp > zero2
     memory = (zero2 + ddp) / 2 / GIB  # room for ZeRO-2, not for ddp or ZeRO-1
     report = plan(c, memory)
     assert not report["fits"] and not report["trainer"]["fits"]

@@ -228,10 +228,12 @@ def weights_only_checkpoint_engine(engine):
 
 
 def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float, scheduler_type: str,
-                   warmup_ratio: float, total_steps: int):
-    """AdamW over the trainable parameters (with LoRA: the adapters only) and its learning-rate schedule."""
+                   warmup_ratio: float, total_steps: int, fused: bool = False):
+    """AdamW over the trainable parameters (with LoRA: the adapters only) and its learning-rate schedule.
+    `fused`: torch's one-kernel AdamW (CPU and CUDA), for an optimizer that torch steps itself
+    (DeepSpeed ZeRO steps its own partitions): 5% of a CPU step on SmolLM2 (benchmarks/NOTES.md)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
     scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     return optimizer, scheduler
@@ -251,7 +253,7 @@ def build_engine(config, model: torch.nn.Module, total_steps: int, ds_config: Op
     """The run's strategy around a loaded model: `ddp` (summed by hand) or DeepSpeed ZeRO."""
     t = config.training
     optimizer, scheduler = make_optimizer(model, t.learning_rate, t.weight_decay, t.lr_scheduler_type,
-                                          t.warmup_ratio, total_steps)
+                                          t.warmup_ratio, total_steps, fused=not ds_config)
     if ds_config:
         return DeepSpeedEngine(model, optimizer, scheduler, ds_config)
     return PlainEngine(model, optimizer, scheduler, t.max_grad_norm)

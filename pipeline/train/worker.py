@@ -171,7 +171,7 @@ def _engine(config: Config, plan: WorkerPlan, folder: Optional[str], total_steps
     disable_dropout(model)  # before the adapters: lora.dropout is the one dropout KTO training may keep
     if lora.r:
         model = with_adapters(model, lora, saved_model)
-    if config.training.gradient_checkpointing:
+    if config.trainer_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not ds_config:
         model.to(device)  # (DeepSpeed places the model, or its partitions, itself)
