@@ -64,12 +64,19 @@ def _read_config(name_or_path: str, cache_dir: str, trust_remote_code: bool):
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), os.path.join(folder, "config.json")
 
 
-def _meta_model(cfg, trust_remote_code: bool, dtype):
+def _meta_model(cfg, trust_remote_code: bool, dtype, lean: bool = False):
+    """The model on the meta device; `lean`: on its fast paths, as a trainer loads it (what its layers
+    keep for the backward: pipeline/lean_layers.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.models import use_fast_paths
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=dtype)
+    if lean:
+        use_fast_paths(model)
+    return model
 
 
 def _shape(cfg, source: str, trust_remote_code: bool) -> Shape:
@@ -105,7 +112,8 @@ def lora_params(shape: Shape, r: int, target_modules) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def activation_bytes_per_token(shape: Shape, dtype_name: str, trust_remote_code: bool = False) -> tuple[int, int]:
+def activation_bytes_per_token(shape: Shape, dtype_name: str, trust_remote_code: bool = False,
+                               lean: bool = True) -> tuple[int, int]:
     """(bytes one decoder layer keeps for its backward per token, bytes kept outside the layers per token),
     measured on meta forwards (see the module docstring)."""
     import torch
@@ -123,7 +131,7 @@ def activation_bytes_per_token(shape: Shape, dtype_name: str, trust_remote_code:
         text.num_hidden_layers = layers
         if isinstance(getattr(text, "layer_types", None), list):
             text.layer_types = text.layer_types[:layers]
-        model = _meta_model(c, trust_remote_code, dtype).train()
+        model = _meta_model(c, trust_remote_code, dtype, lean).train()
         weights = {p.untyped_storage()._cdata for p in model.parameters()}
         kept: dict[int, int] = {}
 

@@ -117,19 +117,25 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A causal LM from a local folder, float32 unless `dtype` says otherwise; transformers' own
-    architectures that can run packed forwards run the `kto_packed` attention (pipeline/packing.py:
-    plain SDPA for any forward that is not packed)."""
+    """A causal LM from a local folder, float32 unless `dtype` says otherwise, on its fast paths."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline import packing
-
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                  dtype=dtype or torch.float32)
+    use_fast_paths(model)
+    return model
+
+
+def use_fast_paths(model: torch.nn.Module) -> None:
+    """transformers' own architectures that can run packed forwards run the `kto_packed` attention
+    (pipeline/packing.py: plain SDPA for any forward that is not packed) and keep less for their
+    backward (pipeline/lean_layers.py)."""
+    from pipeline import lean_layers, packing
+
     if model.config.model_type in packing.PACKABLE_MODEL_TYPES and type(model).__module__.startswith("transformers."):
         model.set_attn_implementation(packing.register())
-    return model
+        lean_layers.apply(model)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

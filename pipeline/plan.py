@@ -120,8 +120,10 @@ def trainer_bytes(config, shape: Shape, per_node: int) -> dict:
         bucket = grad_bytes * (DS_REDUCE_BUCKET if on_gpu else min(DS_REDUCE_BUCKET, trainable))
         persistent_grads += bucket if ds.zero_stage == 3 else 0
     rows, tokens, positions = forward_tokens(config)
+    # the lean MLP and norms step aside for ZeRO-3's partitioned weights and for LoRA's wrapped projections
+    lean = lora.r == 0 and not (config.scaling.strategy == "deepspeed" and config.deepspeed.zero_stage == 3)
     per_layer, outside = activation_bytes_per_token(shape, "bfloat16" if bf16 else "float32",
-                                                    config.model.trust_remote_code)
+                                                    config.model.trust_remote_code, lean)
     if config.trainer_gradient_checkpointing:  # each layer's input kept; one layer recomputed in the backward
         activations, working = tokens * (shape.layers * shape.hidden * w + outside), 2 * per_layer * tokens
     else:
@@ -158,7 +160,7 @@ def reference_bytes(config, shape: Shape, gpu_bytes: int) -> dict:
     on_gpu = r.num_gpus_per_replica > 0
     if r.backend == "hf":
         tokens = max(r.max_tokens_per_batch, length)
-        per_layer, _ = activation_bytes_per_token(shape, r.dtype, config.model.trust_remote_code)
+        per_layer, _ = activation_bytes_per_token(shape, r.dtype, config.model.trust_remote_code, lean=False)
         temporary = per_layer * tokens + logits_bytes(shape, tokens, tokens, b, backward=False)
         peak = weights + temporary + (GPU_RUNTIME_RESERVE if on_gpu else 0)
         return {"backend": "hf", "device": "GPU" if on_gpu else "CPU", "dtype": r.dtype, "weights": weights,
