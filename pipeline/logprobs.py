@@ -26,7 +26,7 @@ def collate(
     pad_token_id: int,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids` and `attention_mask`, with the scored positions (see `scored`)."""
+    """Right-padded `input_ids` and `attention_mask`, with the scored positions (see `batch_of`)."""
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
     width = max(lengths, default=0)
     input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
@@ -114,16 +114,16 @@ def length_grouped_batches(lengths: Sequence[int], max_tokens: int, max_rows: in
     Sorting by length keeps padding small; real feedback lengths vary widely.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def tokens(group: list[int]) -> int:  # (padded: the first row is the longest)
+        return sum(lengths[i] for i in group) if packed else lengths[group[0]] * len(group)
+
     groups: list[list[int]] = []
     for index in order:
-        if groups and len(groups[-1]) < max_rows:
-            group = groups[-1]
-            tokens = (sum(lengths[i] for i in group) if packed else lengths[group[0]] * len(group)) + (
-                lengths[index] if packed else lengths[group[0]])
-            if tokens <= max_tokens:
-                group.append(index)
-                continue
-        groups.append([index])
+        if groups and len(groups[-1]) < max_rows and tokens(groups[-1] + [index]) <= max_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
     return groups
 
 

@@ -63,7 +63,7 @@ def _varlen():
 def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """One [1, tokens] sequence of every row's prompt + completion, with `position_ids`, the row
-    boundaries `cu_seq_lens_q` and `max_length_q`, and the scored positions (see logprobs.scored)."""
+    boundaries `cu_seq_lens_q` and `max_length_q`, and the scored positions (see logprobs.batch_of)."""
     ids, positions, bounds = [], [], [0]
     token_index, targets, token_rows = [], [], []
     for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
