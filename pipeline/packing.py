@@ -31,10 +31,13 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def mask(*, attention_mask=None, **kwargs):
-        # No padding mask: the attention below applies causality (and a sliding window) itself, per
-        # row of a packed forward or over the whole sequence; never a [tokens, tokens] tensor.
-        return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
+    def mask(*, attention_mask=None, q_length: int, kv_length: int, **kwargs):
+        # No padding and no cache (a packed forward, or one unpadded sequence): no mask, the attention
+        # below applies causality (and a sliding window) itself, never a [tokens, tokens] tensor.
+        # Anything else (padding, decoding from a cache) gets SDPA's mask as transformers builds it.
+        if attention_mask is None and q_length == kv_length:
+            return None
+        return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, mask)
@@ -91,13 +94,14 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask, scaling=None, dropout: float = 0.0, sliding_window=None, **kwargs):
     """transformers' attention-function interface: query [batch, heads, tokens, dim], key and value
     [batch, kv heads, tokens, dim]; returns ([batch, tokens, heads, dim], None)."""
-    if attention_mask is not None:  # a padded batch: SDPA with its mask, as transformers runs it
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None and (attention_mask is not None or query.shape[2] != key.shape[2]):
+        # a padded batch, or decoding from a cache: SDPA with its mask, as transformers runs it
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
     dropout = dropout if module.training else 0.0
-    bounds = kwargs.get("cu_seq_lens_q")
     gqa = query.shape[1] != key.shape[1]
     if bounds is not None and query.is_cuda and _varlen() is not None:
         assert not dropout, "attention dropout is zeroed in training (pipeline.models.disable_dropout)"

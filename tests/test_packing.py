@@ -133,3 +133,21 @@ def test_saved_model_config_is_untouched(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     with open(tmp_path / "saved" / "config.json") as f:
         assert PACKED_ATTENTION not in json.dumps(json.load(f))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_generation_is_transformers_own(tmp_path, architecture):
+    """The packed attention is only for packed forwards: generating from a cache (one row, and a
+    left-padded batch) gives exactly the tokens transformers' SDPA gives."""
+    import transformers
+
+    folder = tiny_folder(tmp_path, architecture)
+    model = load_causal_lm(folder)
+    plain = getattr(transformers, ARCHITECTURES[architecture][1]).from_pretrained(folder, attn_implementation="sdpa")
+    prompts = torch.tensor([[5, 17, 42, 9, 88, 23, 61, 7, 14, 3]])
+    batch = {"input_ids": torch.tensor([[0, 0, 0, 5, 17, 42], [11, 12, 13, 14, 15, 16]]),
+             "attention_mask": torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+    for inputs in ({"input_ids": prompts}, batch):
+        settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        ours, theirs = model.generate(**inputs, **settings), plain.generate(**inputs, **settings)
+        assert ours.tolist() == theirs.tolist()
