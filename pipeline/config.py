@@ -101,8 +101,8 @@ class TrainingConfig:
     train_sampling_strategy: str = one_of("random", ("random", "sequential"))
     save_steps: int = ranged(0, ge=0, note="0: only at the end")  # checkpoint every N optimizer steps
     save_total_limit: int = ranged(0, ge=0, note="0: keep all")  # keep the newest N checkpoints
-    # recompute each layer in the backward: activations ~10x smaller for ~16% more step time on CPU
-    # (benchmarks/NOTES.md); null: on GPU workers only (memory is what bounds a GPU's batch)
+    # recompute each layer in the backward: on CPU 16-25% more step time for 0.7-0.95 GB less peak on
+    # SmolLM2 (benchmarks/NOTES.md); null: on GPU workers only (memory is what bounds a GPU's batch)
     gradient_checkpointing: Optional[bool] = None
     # bfloat16 trainers (scaling.strategy deepspeed; gradients still summed in float32); null: on GPUs only
     bf16: Optional[bool] = None

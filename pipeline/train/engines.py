@@ -231,7 +231,7 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
                    warmup_ratio: float, total_steps: int, fused: bool = False):
     """AdamW over the trainable parameters (with LoRA: the adapters only) and its learning-rate schedule.
     `fused`: torch's one-kernel AdamW (CPU and CUDA), for an optimizer that torch steps itself
-    (DeepSpeed ZeRO steps its own partitions): 5% of a CPU step on SmolLM2 (benchmarks/NOTES.md)."""
+    (DeepSpeed ZeRO steps its own partitions): 3% of a CPU step on SmolLM2 (benchmarks/NOTES.md)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
     scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
