@@ -10,6 +10,7 @@
     python launch.py retrain [--config ...] [--set ...]   # one retraining cycle over new feedback partitions
     python launch.py schedule --cron "0 3 * * *" [--config ...] [--set ...]   # retrain at each cron time
     python launch.py history [--config ...] [--json]   # the retraining ledger as a table
+    python launch.py online --config configs/online.yaml   # online KTO: sample, label, train, sync, per round
     python launch.py plan [--config ...] [--gpu-memory-gib 80] [--json]   # memory per GPU and node, and the fix
     python launch.py cache list [--config ...] [--json]   # reference cache entries: size, last use, runs
     python launch.py cache prune --keep-last N | --max-size 50GB [--dry-run] [--force] [--config ...]
@@ -84,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     schedule.add_argument("--cron", required=True, help="cron expression, e.g. '0 3 * * *' (03:00 daily); a sixth "
                                                         "field counts seconds")
+    online = commands.add_parser(
+        "online", help="online KTO: rounds of sampling from the current policy, labelling by a checker, reward "
+                       "model or judge, and KTO training; resumes at the round and phase where it stopped",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     history = commands.add_parser("history", help="the retraining ledger: one line a cycle",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     history.add_argument("--json", action="store_true", help="print the ledger's rows as JSON")
@@ -117,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (a CPU run: RAM of one node)")
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs a node: workers a node for host RAM and offload")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    for command in (train, precompute, validate, config, retrain, schedule, history, plan):
+    for command in (train, precompute, validate, config, retrain, schedule, history, plan, online):
         command.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (repeatable), e.g. --set kto.beta=0.2")
@@ -269,6 +274,41 @@ def retrain(args) -> int:
     return Exit.OK
 
 
+def online(args) -> int:
+    from ray.train import TrainingFailedError
+
+    from pipeline.fit import TrainingStopped
+    from pipeline.online.loop import online as run_online
+
+    config = load(args)
+    try:
+        summary = run_online(config)
+    except (TrainingStopped, TrainingFailedError) as error:
+        print(f"error: {error}\nThe rounds so far are in the ledger: run the same command again to resume.",
+              file=sys.stderr)
+        return Exit.TRAINING_FAILED
+    print(f"\nonline run: {summary['run_dir']}")
+    print(round_table(summary["rounds"]))
+    return Exit.OK
+
+
+def round_table(rounds: list[dict]) -> str:
+    """The per-round table `online` prints."""
+    def number(value):
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["round  status   held-out pass  samples pass  desirable  undesirable  loss     seconds (sample/label/"
+             "score/train/sync/held-out)"]
+    for row in rounds:
+        t = row["timings"] or {}
+        seconds = "/".join(number(t.get(k)) for k in ("sample_s", "label_s", "data_and_score_s", "train_s", "sync_s",
+                                                      "held_out_s"))
+        lines.append(f"{row['round']:>5}  {row['status']:<8} {number(row['pass_rate']):>13}  "
+                     f"{number(row['train_pass_rate']):>12}  {number(row['desirable']):>9}  "
+                     f"{number(row['undesirable']):>11}  {number(row['loss']):<7}  {seconds}")
+    return "\n".join(lines)
+
+
 def schedule(args) -> int:
     from pipeline.retrain.cron import retrain_command, run_schedule
 
@@ -335,6 +375,7 @@ def job_command(args: argparse.Namespace) -> int:
 # The commands: parse_args names them, main calls one.
 COMMANDS = {"train": train, "precompute": precompute, "validate": validate, "config": config_show,
             "report": report, "retrain": retrain, "schedule": schedule, "history": history, "cache": cache,
+            "online": online,
             "plan": plan_command,
             "submit": job_command, "status": job_command, "logs": job_command, "stop": job_command}
 

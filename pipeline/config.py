@@ -84,7 +84,7 @@ class KTOConfig:
 
 @dataclass
 class TrainingConfig:
-    learning_rate: float = ranged(1e-6, gt=0)
+    learning_rate: float = ranged(1e-6, ge=0, note="0: a dry run, the weights stay")
     per_device_train_batch_size: int = ranged(8, ge=1)
     gradient_accumulation_steps: int = ranged(1, ge=1)
     num_train_epochs: float = ranged(1.0, ge=0)
@@ -203,6 +203,41 @@ class RetrainConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """`launch.py online`: rounds of sample (the current policy) -> label -> train -> sync (pipeline/online/)."""
+    prompts: str = "data/online/prompts.jsonl"  # Parquet / JSON / JSON-lines with a `prompt` column: text or messages
+    held_out_fraction: float = ranged(0.2, ge=0, lt=1, note="of the prompts, by a hash of each; 0: no pass rate")
+    generate_demo: bool = False  # write the JSON-answer demo prompts to `prompts` if absent
+    rounds: int = ranged(4, ge=1)
+    prompts_per_round: int = ranged(16, ge=1)
+    samples_per_prompt: int = ranged(4, ge=1)
+    # the sampler, as vLLM's SamplingParams names them
+    temperature: float = ranged(1.0, ge=0, note="0: greedy")
+    top_p: float = ranged(1.0, gt=0, le=1)
+    max_tokens: int = ranged(64, ge=1)
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
+    backend: str = one_of("hf", ("hf", "vllm"))  # the sampler (and a judge): transformers' generate or a vLLM engine
+    # in_place: the running engine loads the round's weights (vLLM's reload_weights; hf: load_state_dict)
+    # reload: a new engine from the round's model folder
+    weight_sync: str = one_of("in_place", ("in_place", "reload"))
+    # function: `module:function(prompt, completion) -> bool | float` | reward_model: a local sequence-classification
+    # folder | judge: a local causal LM folder asked `judge_template` and scored P(yes) / (P(yes) + P(no))
+    labeler_kind: str = one_of("function", ("function", "reward_model", "judge"))
+    labeler: str = "pipeline.online.demo:json_answer"  # the function, or the model folder
+    # threshold: desirable when the score >= `threshold` (a bool counts 1 / 0) | best_worst: of a prompt's
+    # samples the best is desirable and the worst undesirable, the rest unused
+    selection: str = one_of("threshold", ("threshold", "best_worst"))
+    threshold: float = 0.5
+    judge_template: str = ("Question: {prompt}\nAnswer: {completion}\nIs the answer correct and helpful? "
+                           "Reply yes or no.\nReply:")
+    steps_per_round: int = ranged(4, ge=1)
+    # every N rounds the reference becomes the current policy; 0: the start model throughout
+    sync_reference_every: int = ranged(0, ge=0, note="0: the reference stays the start model")
+    # a round whose labels are all one class: false trains it (KTO learns from one side), with a warning; true skips it
+    require_both_labels: bool = False
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -215,6 +250,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     @property
     def run_dir(self) -> str:
@@ -287,7 +323,10 @@ def _absolute_paths(config: Config) -> Config:
         eval=dataclasses.replace(c.eval, path=local(c.eval.path)),
         output=dataclasses.replace(c.output, output_dir=local(c.output.output_dir),
                                    storage_path=local(c.output.storage_path), scratch_dir=local(c.output.scratch_dir)),
-        retrain=dataclasses.replace(c.retrain, registry_dir=local(c.retrain.registry_dir)))
+        retrain=dataclasses.replace(c.retrain, registry_dir=local(c.retrain.registry_dir)),
+        online=dataclasses.replace(c.online, prompts=local(c.online.prompts),
+                                   labeler=model(c.online.labeler) if c.online.labeler_kind != "function"
+                                   else c.online.labeler))
 
 
 def value_sources(path: Optional[str], overrides: tuple[str, ...] = ()) -> dict[str, str]:
@@ -365,6 +404,13 @@ def validate(c: Config) -> None:
     check(lora.target_modules != [], "lora.target_modules", lora.target_modules, "'all-linear' or a non-empty list")
     check(not (c.eval.path and c.eval.split_fraction), "eval.split_fraction", c.eval.split_fraction,
            f"0 when eval.path is set ({c.eval.path!r}): the eval set comes from one source")
+    o = c.online
+    check(o.labeler_kind != "function" or re.fullmatch(r"[\w.]+:\w+", o.labeler) is not None, "online.labeler",
+          o.labeler, "module:function (e.g. my_checks:passes), importable where the Ray workers run")
+    check(o.selection != "best_worst" or o.samples_per_prompt >= 2, "online.samples_per_prompt",
+          o.samples_per_prompt, ">= 2 with online.selection best_worst (a best and a worst sample a prompt)")
+    check(o.labeler_kind != "judge" or ("{prompt}" in o.judge_template and "{completion}" in o.judge_template),
+          "online.judge_template", o.judge_template, "a template holding {prompt} and {completion}")
     ds = c.deepspeed
     check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", ds.offload_param,
            "true only with deepspeed.zero_stage 3 (stages 1 and 2 keep whole parameters on every worker)")

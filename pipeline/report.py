@@ -1,5 +1,5 @@
 """`launch.py report RUN_DIR`: the run's curves as PNG plots and a one-page Markdown summary, written
-into `<run>/report/`. Reads only the run directory's files (metrics.jsonl, summary.json, config.yaml),
+into `<run>/report/` (an online run's: pipeline/online/report.py). Reads only the run directory's files (metrics.jsonl, summary.json, config.yaml),
 so it works on a finished run, a resumed one, or one copied from a cluster."""
 
 import json
@@ -93,6 +93,10 @@ def summary_markdown(run_dir: str, steps: list[dict], plots: list[str]) -> str:
 
 
 def write_report(run_dir: str) -> str:
+    if os.path.exists(os.path.join(run_dir, "online.sqlite")):
+        from pipeline.online.report import write_online_report
+
+        return write_online_report(run_dir)
     folder = os.path.join(run_dir, "report")
     os.makedirs(folder, exist_ok=True)
     steps = read_metrics(run_dir)

@@ -181,7 +181,7 @@ def test_config_show_names_the_source_of_every_value(tmp_path):
     assert shown.returncode == 0, shown.stderr
     lines = dict(line.split(" = ", 1) for line in shown.stdout.splitlines())
     assert lines["kto.beta"] == f"0.2  # {path}; > 0"
-    assert lines["training.learning_rate"] == "1e-06  # --set; > 0"
+    assert lines["training.learning_rate"] == "1e-06  # --set; >= 0 (0: a dry run, the weights stay)"
     assert lines["kto.max_length"] == "1024  # default; >= 1"
     # Allowed values are declared once, on the field: validation and this listing read them there.
     assert lines["kto.loss_type"] == '"kto"  # default; one of: kto | apo_zero_unpaired | kto_pairwise'

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 def test_every_command_has_a_function_and_every_exit_code_is_in_the_readme():
     parser_commands = {"train", "precompute", "validate", "submit", "status", "logs", "stop", "report", "config",
-                       "retrain", "schedule", "history", "cache", "plan"}
+                       "retrain", "schedule", "history", "cache", "plan", "online"}
     assert set(launch.COMMANDS) == parser_commands
     for command in parser_commands - {"status", "logs", "stop", "report"}:
         assert launch.parse_args([command, *(["show"] if command == "config" else []),

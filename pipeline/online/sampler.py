@@ -1,0 +1,186 @@
+"""The sampler: a Ray actor holding the current policy in a generation engine (a vLLM engine, or
+transformers' generate where vLLM cannot run), alive across rounds so that a round's new weights
+can be loaded into it in place.
+
+It samples a round's prompts from the policy it holds and writes the samples to Parquet (the
+driver gets counts and paths, never the samples), and gets the next policy by `sync`: `in_place`
+loads the round's safetensors into the running engine (vLLM's `reload_weights`, transformers'
+`load_state_dict`), `reload` builds a new engine from the round's model folder.
+
+The engines are the reference actor's backends (actors/reference.py) with generation added: the
+same loader, dtype and options, and the same `score` (summed log-probs of given completions), which
+is how a test checks that the sampler holds exactly the trainer's weights after a sync.
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.reference import HFBackend, ScoringOptions, VLLMBackend
+
+SAMPLE_SCHEMA = pa.schema([("prompt_index", pa.int64()), ("prompt_json", pa.string()), ("sample", pa.int32()),
+                           ("completion", pa.string()), ("completion_tokens", pa.int32()), ("finished", pa.bool_())])
+HF_SEQUENCES_PER_GENERATE = 64  # prompts x samples in one generate call (bounds its KV cache)
+
+
+@dataclass
+class Sampling:
+    """What vLLM's SamplingParams calls them."""
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, online, seed: int) -> "Sampling":
+        return cls(online.samples_per_prompt, online.temperature, online.top_p, online.max_tokens, seed)
+
+
+class HFEngine(HFBackend):
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, eos: int) -> list[list[list[int]]]:
+        """n completions a prompt (token ids, up to and without EOS): seeded once for the whole call,
+        so the same prompts, weights and seed give the same samples."""
+        import torch
+
+        greedy = sampling.temperature == 0
+        torch.manual_seed(sampling.seed)
+        per_call = max(1, HF_SEQUENCES_PER_GENERATE // sampling.n)
+        out = []
+        for first in range(0, len(prompt_ids), per_call):
+            chunk = prompt_ids[first:first + per_call]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            with torch.no_grad():
+                generated = self.model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=not greedy, max_new_tokens=sampling.max_tokens,
+                    num_return_sequences=1 if greedy else sampling.n, pad_token_id=self.pad_token_id,
+                    eos_token_id=eos, **({} if greedy else {"temperature": sampling.temperature,
+                                                            "top_p": sampling.top_p, "top_k": 0}))
+            rows = [_until_eos(row, eos) for row in generated[:, width:].tolist()]
+            per_prompt = 1 if greedy else sampling.n
+            out += [rows[i * per_prompt:(i + 1) * per_prompt] * (sampling.n if greedy else 1)
+                    for i in range(len(chunk))]
+        return out
+
+    def load_weights(self, folder: str) -> None:
+        """The folder's safetensors into the running model, in place (tied weights stay tied)."""
+        import glob
+
+        import torch
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+            state.update(load_file(file, device=str(self.device)))
+        with torch.no_grad():
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{folder}: its weights do not fit the sampler's model (missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
+
+
+class VLLMEngine(VLLMBackend):
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, eos: int) -> list[list[list[int]]]:
+        """n completions a prompt; prompt i is seeded with seed + i (vLLM seeds each request), so a
+        prompt's samples do not depend on what else is in the batch."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens, seed=sampling.seed + i, stop_token_ids=[eos],
+                                 detokenize=False) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return [[_until_eos(list(c.token_ids), eos) for c in output.outputs] for output in outputs]
+
+    def load_weights(self, folder: str) -> None:
+        """vLLM's in-place reload from a model folder; cached prefixes were computed with the old weights."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        self.llm.reset_prefix_cache()
+
+
+ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+class Sampler:
+    """Ray actor: the current policy, its tokenizer, and the rendering of prompts as the data stage
+    renders them (pipeline/data/tokenize.py), so a sample is scored and trained on the prompt it was
+    sampled from."""
+
+    def __init__(self, backend: str, model_path: str, tokenizer_path: str, options: ScoringOptions,
+                 max_prompt_length: int):
+        from pipeline.data.tokenize import appends_eos
+        from pipeline.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path, options.trust_remote_code)
+        self.appends_eos = appends_eos(self.tokenizer)
+        self.backend, self.options, self.max_prompt_length = backend, options, max_prompt_length
+        self.engine = ENGINES[backend](model_path, self.tokenizer.pad_token_id, options)
+        self.model_path = model_path
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """A prompt's token ids as the data stage makes them: a conversation through the chat template
+        with the generation prompt; text with the tokenizer's special tokens, no final EOS; cut from
+        the left to max_prompt_length keeping the BOS."""
+        tok = self.tokenizer
+        if isinstance(prompt, list):
+            ids = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            ids = ids[:-1] if self.appends_eos else ids
+        if len(ids) > self.max_prompt_length:
+            head = 1 if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else 0
+            ids = ids[:head] + ids[len(ids) - self.max_prompt_length + head:]
+        return ids
+
+    def sample(self, prompts_path: str, rows: list[int] | None, sampling: Sampling, out_path: str) -> dict:
+        """Sample the prompts at `rows` of a prompt file (all of them: None) into out_path (written
+        under a temporary name, then renamed: present means complete). Returns counts and seconds."""
+        started = time.time()
+        table = pq.read_table(prompts_path)
+        rows = list(range(table.num_rows)) if rows is None else rows
+        texts = table.column("prompt_json").take(pa.array(rows, pa.int64())).to_pylist()
+        eos = self.tokenizer.eos_token_id
+        completions = self.engine.generate([self.prompt_ids(json.loads(t)) for t in texts], sampling, eos)
+        columns = {name: [] for name in SAMPLE_SCHEMA.names}
+        for row, text, samples in zip(rows, texts, completions):
+            for k, ids in enumerate(samples):
+                for name, value in zip(SAMPLE_SCHEMA.names, (
+                        row, text, k, self.tokenizer.decode(ids, skip_special_tokens=True), len(ids),
+                        len(ids) < sampling.max_tokens)):
+                    columns[name].append(value)
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        pq.write_table(pa.table(columns, schema=SAMPLE_SCHEMA), out_path + ".partial")
+        os.replace(out_path + ".partial", out_path)
+        return {"samples": len(columns["sample"]), "tokens": sum(columns["completion_tokens"]),
+                "seconds": round(time.time() - started, 2), "sampling": asdict(sampling)}
+
+    def sync(self, model_path: str, mode: str) -> float:
+        """Take the weights of `model_path` (in_place or reload); seconds taken."""
+        started = time.time()
+        if model_path != self.model_path:
+            if mode == "in_place":
+                self.engine.load_weights(model_path)
+            else:
+                self.engine = None  # the old engine's memory goes before the new one loads
+                import gc
+
+                gc.collect()
+                self.engine = ENGINES[self.backend](model_path, self.tokenizer.pad_token_id, self.options)
+            self.model_path = model_path
+        return round(time.time() - started, 3)
+
+    def score(self, prompt_ids: list, completion_ids: list) -> list[float]:
+        """Summed log-probs of the completions under the weights the engine holds."""
+        return [float(x) for x in self.engine.score(prompt_ids, completion_ids)]
