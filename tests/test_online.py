@@ -84,7 +84,9 @@ def test_best_worst_selection_and_held_out_pass_rate(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_family(tmp_path_factory, tiny_model):
-    """The tiny model, a second one (other weights, same tokenizer), and a tiny reward model."""
+    """The tiny model, a second one (other weights, same tokenizer), a tiny reward model, and two
+    models whose output head is tied to the embeddings (SmolLM2's layout; vLLM's CPU build keeps a
+    packed copy of that head, which an in-place reload must prepare again)."""
     from tiny import make_tiny_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
@@ -97,7 +99,9 @@ def tiny_family(tmp_path_factory, tiny_model):
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     LlamaForSequenceClassification(config).save_pretrained(reward)
     tokenizer.save_pretrained(reward)
-    return tiny_model, other, reward
+    tied = tuple(make_tiny_model(str(tmp_path_factory.mktemp(f"tiny-tied-{seed}")), tokenizer_text(), seed=seed,
+                                 tie_word_embeddings=True) for seed in (2, 3))
+    return tiny_model, other, reward, *tied
 
 
 def test_reward_model_and_judge_labelers_equal_direct_forwards(tiny_family):
@@ -105,7 +109,7 @@ def test_reward_model_and_judge_labelers_equal_direct_forwards(tiny_family):
 
     from actors.reference import ScoringOptions
 
-    model, _, reward = tiny_family
+    model, _, reward, *_ = tiny_family
     prompts = [[{"role": "user", "content": "what color is the sky"}], [{"role": "user", "content": "hello"}]]
     completions = ["blue", "the sky is blue please", "good", "no"]
     table = samples_table(completions, prompts, per_prompt=2)
@@ -217,7 +221,7 @@ def check_sampler(sampler, folders: tuple[str, str], prompts_path: str, out: str
 def test_hf_sampler_samples_by_seed_and_syncs_exactly(tmp_path, tiny_family):
     from actors.reference import ScoringOptions
 
-    model, other, _ = tiny_family
+    model, other, _, *tied = tiny_family
     prompts = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"prompt_json": [json.dumps([{"role": "user", "content": "what is the sky"}]),
                                              json.dumps([{"role": "user", "content": "hello there"}])]}), prompts)
@@ -226,6 +230,8 @@ def test_hf_sampler_samples_by_seed_and_syncs_exactly(tmp_path, tiny_family):
     assert sampler.prompt_ids([{"role": "user", "content": "hi"}]) == sampler.tokenizer(
         "<|im_start|>user\nhi<eos>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     check_sampler(sampler, (model, other), str(prompts), str(tmp_path), tolerance=1e-4)
+    check_sampler(Sampler("hf", tied[0], model, ScoringOptions(), 32), tied, str(prompts), str(tmp_path / "tied"),
+                  tolerance=1e-4)
 
 
 class Remote:
@@ -242,19 +248,20 @@ class Remote:
 
 @pytest.mark.slow
 def test_vllm_sampler_samples_by_seed_and_syncs_in_place_exactly(tmp_path, tiny_family, ray_local):
-    """vLLM's CPU build in a Ray actor: in-place reload_weights gives the engine the folder's weights
+    """vLLM's CPU build in a Ray actor, on models with a tied head: in-place reload_weights gives the
+    engine the folder's weights
     (its log-probs of fixed sequences equal transformers' within the engines' agreement, see
     test_reference.py), samples repeat under a seed with the same weights and change with new ones."""
     from actors.reference import ScoringOptions
     from test_reference import AGREEMENT_NATS
 
-    model, other, _ = tiny_family
+    model, _, _, *tied = tiny_family
     prompts = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"prompt_json": [json.dumps("the cat is"), json.dumps("what color is the sky")]}), prompts)
     options = ScoringOptions(max_model_len=64, cache_root=str(tmp_path / "vllm"))
-    sampler = ray_local.remote(Sampler).options(num_cpus=1).remote("vllm", model, model, options, 32)
+    sampler = ray_local.remote(Sampler).options(num_cpus=1).remote("vllm", tied[0], model, options, 32)
     try:
-        check_sampler(Remote(sampler), (model, other), str(prompts), str(tmp_path), tolerance=AGREEMENT_NATS)
+        check_sampler(Remote(sampler), tied, str(prompts), str(tmp_path), tolerance=AGREEMENT_NATS)
     finally:
         ray_local.kill(sampler)
 
@@ -346,3 +353,32 @@ def test_a_one_sided_round_trains_with_a_warning_or_is_skipped():
     assert skip and "skipped (online.require_both_labels: true)" in message
     assert one_sided({**counts, "desirable": 1, "undesirable": 0}, require_both=False)[0]  # one row cannot pair
     assert one_sided({**counts, "desirable": 1}, require_both=True) == (False, "")
+
+
+@pytest.mark.slow
+def test_a_round_at_learning_rate_0_samples_what_the_round_before_sampled(tmp_path, tiny_model, ray_local):
+    """One round at learning rate 0, on the session's Ray, with a checker no tiny-model sample passes
+    (every label undesirable: the round trains one side, with a warning): the round's policy is the
+    start model's weights, so the held-out prompts, sampled with the same seed, give the same samples."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_config
+    from pipeline.online.loop import online
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"what is {w} number {i}"}]}) + "\n"
+                               for i, w in enumerate("cat dog sky river mountain city".split() * 2)))
+    config = tiny_config(tmp_path, tiny_model, "unused", **{
+        "online.prompts": str(prompts), "online.held_out_fraction": 0.3, "online.rounds": 1,
+        "online.prompts_per_round": 4, "online.samples_per_prompt": 2, "online.max_tokens": 6,
+        "online.steps_per_round": 1, "online.labeler": "pipeline.online.demo:json_answer",
+        "training.learning_rate": 0, "output.run_name": "lr0"})
+    summary = online(config)
+    first = summary["rounds"][1]
+    assert first["status"] == "done" and first["desirable"] == 0 and first["undesirable"] == 8
+    start = load_file(os.path.join(tiny_model, "model.safetensors"))
+    trained = load_file(os.path.join(first["model_path"], "model.safetensors"))
+    assert all(torch.equal(start[name], trained[name]) for name in start)
+    held_out = [pq.read_table(os.path.join(config.run_dir, "rounds", f"round-{r:04d}", "held_out_samples.parquet"))
+                for r in (0, 1)]
+    assert held_out[0].num_rows > 0 and held_out[0].column("completion").equals(held_out[1].column("completion"))

@@ -39,7 +39,7 @@ def make_tokenizer(folder: str, extra_text: list[str] = ()):
 
 
 def make_tiny_model(folder: str, extra_text: list[str] = (), seed: int = 0, hidden_size: int = 64,
-                    num_hidden_layers: int = 2) -> str:
+                    num_hidden_layers: int = 2, tie_word_embeddings: bool = False) -> str:
     """Writes tokenizer and a Llama (safetensors; by default 2 layers of 64, 0.15M parameters) into
     `folder`; returns it. Heads of 32 dimensions at every size."""
     import torch
@@ -52,7 +52,7 @@ def make_tiny_model(folder: str, extra_text: list[str] = (), seed: int = 0, hidd
                          num_hidden_layers=num_hidden_layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, tie_word_embeddings=False)
+                         bos_token_id=None, tie_word_embeddings=tie_word_embeddings)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
 
