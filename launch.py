@@ -279,6 +279,7 @@ def online(args) -> int:
 
     from pipeline.fit import TrainingStopped
     from pipeline.online.loop import online as run_online
+    from pipeline.online.report import round_table
 
     config = load(args)
     try:
@@ -290,23 +291,6 @@ def online(args) -> int:
     print(f"\nonline run: {summary['run_dir']}")
     print(round_table(summary["rounds"]))
     return Exit.OK
-
-
-def round_table(rounds: list[dict]) -> str:
-    """The per-round table `online` prints."""
-    def number(value):
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["round  status   held-out pass  samples pass  desirable  undesirable  loss     seconds (sample/label/"
-             "score/train/sync/held-out)"]
-    for row in rounds:
-        t = row["timings"] or {}
-        seconds = "/".join(number(t.get(k)) for k in ("sample_s", "label_s", "data_and_score_s", "train_s", "sync_s",
-                                                      "held_out_s"))
-        lines.append(f"{row['round']:>5}  {row['status']:<8} {number(row['pass_rate']):>13}  "
-                     f"{number(row['train_pass_rate']):>12}  {number(row['desirable']):>9}  "
-                     f"{number(row['undesirable']):>11}  {number(row['loss']):<7}  {seconds}")
-    return "\n".join(lines)
 
 
 def schedule(args) -> int:

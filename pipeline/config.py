@@ -207,6 +207,8 @@ class OnlineConfig:
     """`launch.py online`: rounds of sample (the current policy) -> label -> train -> sync (pipeline/online/)."""
     prompts: str = "data/online/prompts.jsonl"  # Parquet / JSON / JSON-lines with a `prompt` column: text or messages
     held_out_fraction: float = ranged(0.2, ge=0, lt=1, note="of the prompts, by a hash of each; 0: no pass rate")
+    # the pass rate is measured on at most this many of them (the same ones every round), samples_per_prompt each
+    held_out_max_prompts: int = ranged(64, ge=1)
     generate_demo: bool = False  # write the JSON-answer demo prompts to `prompts` if absent
     rounds: int = ranged(4, ge=1)
     prompts_per_round: int = ranged(16, ge=1)

@@ -336,6 +336,14 @@ def test_online_run_resumes_after_a_kill_and_trains_each_round_once(online_run):
     assert held_out[0] != held_out[1] != held_out[2]
     assert all(r["held_out"]["samples"] == len(held_out[0]) > 0 for r in rounds)
     assert "held-out pass" in resumed.stdout and resumed.stdout.count("done") >= 3
+    # the sampler takes exactly the weights the trainers wrote (the run's last sync, done again here)
+    from actors.reference import ScoringOptions
+
+    sampler = Sampler("hf", base, base, ScoringOptions(), 32)
+    sampler.sync(rounds[2]["model_path"], "in_place")
+    fixed = ([[5, 9, 17, 33], [7, 8]], [[40, 41, 42, 2], [60]])
+    np.testing.assert_allclose(sampler.score(*fixed), sequence_logps(rounds[2]["model_path"], *fixed), atol=1e-4)
+    assert np.abs(np.array(sampler.score(*fixed)) - sequence_logps(base, *fixed)).max() > 1e-3  # they moved
     report = launch_here("report", str(run_dir))
     assert report.returncode == 0, report.stderr
     text = (run_dir / "report" / "report.md").read_text()
@@ -382,3 +390,18 @@ def test_a_round_at_learning_rate_0_samples_what_the_round_before_sampled(tmp_pa
     held_out = [pq.read_table(os.path.join(config.run_dir, "rounds", f"round-{r:04d}", "held_out_samples.parquet"))
                 for r in (0, 1)]
     assert held_out[0].num_rows > 0 and held_out[0].column("completion").equals(held_out[1].column("completion"))
+
+
+def test_the_reference_follows_the_policy_every_k_rounds(tmp_path):
+    from pipeline.online.loop import reference_for
+
+    ledger = RoundLedger(str(tmp_path / "online.sqlite"))
+    for r, status in ((1, "done"), (2, "skipped"), (3, "done"), (4, "done")):
+        ledger.begin(r, "p", "r")
+        for phase in ("sampled", "labelled") + (("trained",) if status == "done" else ()):
+            ledger.advance(r, phase, **({"model_path": f"/m{r}"} if phase == "trained" else {}))
+        ledger.advance(r, status)
+    assert [reference_for(r, 0, ledger, "/base") for r in (1, 5)] == ["/base", "/base"]
+    # every 2 rounds: rounds 1-2 the base, 3-4 the policy after round 2 (skipped: round 1's), 5 round 4's
+    assert [reference_for(r, 2, ledger, "/base") for r in (1, 2, 3, 4, 5)] == ["/base", "/base", "/m1", "/m1", "/m4"]
+    ledger.close()

@@ -85,7 +85,7 @@ class Labeler:
         from pipeline.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(folder, options.trust_remote_code)
-        self.template = template
+        self.template, self.max_len = template, options.max_model_len
         self.engine = BACKENDS[backend](folder, self.tokenizer.pad_token_id, options)
         self.answers = [self.tokenizer(" yes", add_special_tokens=False)["input_ids"],
                         self.tokenizer(" no", add_special_tokens=False)["input_ids"]]
@@ -93,9 +93,10 @@ class Labeler:
     def _model_scores(self, prompts: list, completions: list) -> list[float]:
         if self.kind == "reward_model":
             return reward_scores(self.model, self.tokenizer, prompts, completions)
-        asked = [self.tokenizer(self.template.format(prompt=plain_prompt(p), completion=c))["input_ids"]
-                 for p, c in zip(prompts, completions)]
         yes, no = self.answers
+        room = self.max_len - max(len(yes), len(no))  # a question longer than the engine takes loses its start
+        asked = [self.tokenizer(self.template.format(prompt=plain_prompt(p), completion=c))["input_ids"][-room:]
+                 for p, c in zip(prompts, completions)]
         logps = np.asarray(self.engine.score(asked + asked, [yes] * len(asked) + [no] * len(asked)), np.float64)
         n = len(asked)
         return (1.0 / (1.0 + np.exp(logps[n:] - logps[:n]))).tolist()  # P(yes) / (P(yes) + P(no))

@@ -100,10 +100,11 @@ class RoundLedger:
             raise
         return self.get(round_number)
 
-    def latest_model(self) -> Optional[str]:
-        """The policy after the last trained round (None: still the start model)."""
+    def latest_model(self, up_to_round: int = 2**62) -> Optional[str]:
+        """The policy after the last trained round up to `up_to_round` (None: still the start model)."""
         row = self.db.execute("SELECT model_path FROM rounds WHERE model_path IS NOT NULL AND status IN "
-                              "('trained', 'done') ORDER BY round DESC LIMIT 1").fetchone()
+                              "('trained', 'done') AND round <= ? ORDER BY round DESC LIMIT 1",
+                              (up_to_round,)).fetchone()
         return row[0] if row else None
 
 

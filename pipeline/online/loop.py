@@ -37,6 +37,7 @@ from pipeline.online.select import check_verdicts, held_out_result, select
 
 log = logging.getLogger("kto")
 FAULT = "KTO_ONLINE_FAULT"
+JUDGE_TEMPLATE_TOKENS = 512  # a judge engine's room for its template beyond a prompt and a completion
 ROUND_SEED_STRIDE = 100_003  # round r samples with online.seed + r x this (vLLM seeds prompt i with + i)
 
 
@@ -105,7 +106,8 @@ class Rounds:
         row = self.ledger.get(r)
         if row and row["status"] in FINISHED:
             return
-        row = self.ledger.begin(r, self.ledger.latest_model() or self.base, self.reference_for(r))
+        row = self.ledger.begin(r, self.ledger.latest_model() or self.base,
+                                reference_for(r, self.o.sync_reference_every, self.ledger, self.base))
         folder = self.round_dir(r)
         if row["status"] == "started":
             row = self._sample(r, row, folder)
@@ -130,13 +132,6 @@ class Rounds:
                                                v for k, v in row["timings"].items() if k.endswith("_s")), 1)})
         log.info("round %d done: held-out pass rate %s; seconds %s", r, _rate(held_out or {}), row["timings"])
 
-    def reference_for(self, r: int) -> str:
-        """The start model, or with online.sync_reference_every = k the policy after round k floor((r-1)/k)."""
-        k = self.o.sync_reference_every
-        anchor = ((r - 1) // k) * k if k else 0
-        row = self.ledger.get(anchor) if anchor else None
-        return row["model_path"] if row and row["model_path"] else self.base
-
     def _sample(self, r: int, row: dict, folder: str) -> dict:
         ray.get(self.sampler.sync.remote(row["policy_model"], self.o.weight_sync))  # a resumed run's sampler
         path = os.path.join(folder, "samples.parquet")
@@ -156,7 +151,8 @@ class Rounds:
         (held-out samples: r None) return the pass rate."""
         o = self.o
         return ray.get(ray.remote(label_samples).options(num_cpus=0).remote(
-            samples_path, o.labeler_kind, o.labeler, o.judge_template, o.backend, self.options, where,
+            samples_path, o.labeler_kind, o.labeler, o.judge_template, o.backend,
+            dataclasses.replace(self.options, max_model_len=self.options.max_model_len + JUDGE_TEMPLATE_TOKENS), where,
             self.config.reference.num_replicas, self.config.reference.num_gpus_per_replica,
             None if r is None else (o.selection, o.threshold, r), o.threshold))
 
@@ -203,11 +199,14 @@ class Rounds:
             output=dataclasses.replace(c.output, output_dir=folder, run_name="run", resume=True))
 
     def held_out(self, r: int) -> tuple[dict, float]:
-        """The held-out prompts sampled from the policy the sampler holds, always with online.seed: with
-        weights unchanged, the same samples every round."""
+        """The held-out prompts (at most online.held_out_max_prompts, the same ones every round) sampled
+        from the policy the sampler holds, always with online.seed: with weights unchanged, the same
+        samples every round."""
         started = time.time()
         path = os.path.join(self.round_dir(r), "held_out_samples.parquet")
-        ray.get(self.sampler.sample.remote(os.path.join(self.prompts_dir, "held_out.parquet"), None,
+        count = self.prompts["held_out"]
+        rows = sorted(round_rows(count, 1, min(count, self.o.held_out_max_prompts), self.o.seed))
+        ray.get(self.sampler.sample.remote(os.path.join(self.prompts_dir, "held_out.parquet"), rows,
                                            Sampling.from_config(self.o, self.o.seed), path))
         return self.label(path, f"round {r} held-out"), round(time.time() - started, 2)
 
@@ -219,6 +218,13 @@ class Rounds:
                  "loss": (row["metrics"] or {}).get("loss"), "kl": (row["metrics"] or {}).get("kl"),
                  "timings": row["timings"], "model_path": row["model_path"], "reason": row["reason"]}
                 for row in self.ledger.rounds()]
+
+
+def reference_for(r: int, every: int, ledger: RoundLedger, base: str) -> str:
+    """Round r's reference: the start model, or with online.sync_reference_every = k the policy after
+    round k floor((r-1)/k) (after the last trained round before it, where that round was skipped)."""
+    anchor = ((r - 1) // every) * every if every else 0
+    return (ledger.latest_model(anchor) if anchor else None) or base
 
 
 def one_sided(counts: dict, require_both: bool) -> tuple[bool, str]:

@@ -37,14 +37,17 @@ def _plot(rounds: list[dict], steps: list[dict], folder: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    # Both at the policy they measure: round r's samples were drawn by the policy after round r - 1.
     for name, points in (
-            ("held-out pass rate", [(r["round"], r["held_out"]["pass_rate"]) for r in rounds
-                                    if r["held_out"] and r["held_out"].get("pass_rate") is not None]),
-            ("pass rate of the round's samples", [(r["round"], r["counts"]["pass_rate"]) for r in rounds
-                                                  if r["round"] and r["counts"].get("pass_rate") is not None])):
+            ("held-out prompts", [(r["round"], r["held_out"]["pass_rate"]) for r in rounds
+                                  if r["held_out"] and r["held_out"].get("pass_rate") is not None]),
+            ("the next round's training prompts", [(r["round"] - 1, r["counts"]["pass_rate"]) for r in rounds
+                                                   if r["round"] and r["counts"].get("pass_rate") is not None])):
         if points:
             axes.plot(*zip(*points), marker="o", label=name)
-    axes.set(title="labeler pass rate per round (round 0: the start model)", xlabel="round", ylim=(-0.02, 1.02))
+    axes.set(title="labeler pass rate of the policy's samples", xlabel="policy after round (0: the start model)",
+             ylim=(-0.02, 1.02))
+    axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -70,8 +73,8 @@ def _plot(rounds: list[dict], steps: list[dict], folder: str) -> list[str]:
     return written
 
 
-def _number(value) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def _markdown(run_dir: str, rounds: list[dict], plots: list[str]) -> str:
@@ -84,9 +87,21 @@ def _markdown(run_dir: str, rounds: list[dict], plots: list[str]) -> str:
         cells = [r["round"], r["status"], (r["held_out"] or {}).get("pass_rate"),
                  counts.get("pass_rate") if r["round"] else None, counts.get("desirable"), counts.get("undesirable"),
                  counts.get("quarantined"), metrics.get("loss"), metrics.get("kl"), metrics.get("rewards/margins"),
-                 " / ".join(_number(timings.get(t)) for t in TIMINGS)]
+                 " / ".join(_number(timings.get(t), 1) for t in TIMINGS)]
         lines.append("| " + " | ".join(_number(c) if not isinstance(c, str) else c for c in cells) + " |")
     skipped = [r for r in rounds if r["reason"]]
     lines += [""] + [f"Round {r['round']} {r['status']}: {r['reason']}" for r in skipped]
     lines += [""] + [f"![{file}]({file})" for file in plots]
     return "\n".join(lines) + "\n"
+
+
+def round_table(rounds: list[dict]) -> str:
+    """The per-round table `launch.py online` prints (loop.Rounds.table's rows)."""
+    lines = ["round  status   held-out pass  samples pass  desirable  undesirable  loss     seconds: "
+             + "/".join(t[:-2] for t in TIMINGS)]
+    for row in rounds:
+        seconds = "/".join(_number((row["timings"] or {}).get(t), 1) for t in TIMINGS)
+        lines.append(f"{row['round']:>5}  {row['status']:<8} {_number(row['pass_rate']):>13}  "
+                     f"{_number(row['train_pass_rate']):>12}  {_number(row['desirable']):>9}  "
+                     f"{_number(row['undesirable']):>11}  {_number(row['loss']):<7}  {seconds}")
+    return "\n".join(lines)

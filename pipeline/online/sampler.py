@@ -157,8 +157,12 @@ class Sampler:
 
     def sample(self, prompts_path: str, rows: list[int] | None, sampling: Sampling, out_path: str) -> dict:
         """Sample the prompts at `rows` of a prompt file (all of them: None) into out_path (written
-        under a temporary name, then renamed: present means complete). Returns counts and seconds."""
+        under a temporary name, then renamed: present means complete, and is kept: a run killed after
+        sampling and before its ledger said so trains on the samples it drew). Returns counts and seconds."""
         started = time.time()
+        if os.path.exists(out_path):
+            tokens = pq.read_table(out_path, columns=["completion_tokens"]).column(0)
+            return {"samples": len(tokens), "tokens": sum(tokens.to_pylist()), "seconds": 0.0, "reused": True}
         table = pq.read_table(prompts_path)
         rows = list(range(table.num_rows)) if rows is None else rows
         texts = table.column("prompt_json").take(pa.array(rows, pa.int64())).to_pylist()
