@@ -213,6 +213,9 @@ class OnlineConfig:
     rounds: int = ranged(4, ge=1)
     prompts_per_round: int = ranged(16, ge=1)
     samples_per_prompt: int = ranged(4, ge=1)
+    # TRL's name: quarantine completions cut at max_tokens (no EOS) as `truncated`; false trains them with the
+    # end of turn the data stage adds
+    mask_truncated_completions: bool = False
     # the sampler, as vLLM's SamplingParams names them
     temperature: float = ranged(1.0, ge=0, note="0: greedy")
     top_p: float = ranged(1.0, gt=0, le=1)

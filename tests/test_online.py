@@ -1,7 +1,7 @@
 """Online KTO (pipeline/online/): the labeler kinds on real tiny models, the selection rules, the
 prompt set's quarantine, the round ledger, the sampler's seeded sampling and weight sync (transformers
-here; vLLM's CPU build in the slow tier), and `launch.py online` killed after a round's training and
-resumed: each round's rows trained once."""
+here; vLLM's CPU build in the slow tier), and `launch.py online` killed at two phases and resumed:
+each round's rows sampled and trained once, a round at learning rate 0 samples what the one before did."""
 
 import hashlib
 import json
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, launch_here, tokenizer_text
 from pipeline.online.labelers import Labeler, as_score
@@ -59,6 +60,13 @@ def test_function_labeler_scores_quarantines_and_refuses_bad_returns(tmp_path):
     assert feedback.column("completion").to_pylist() == ["the cat", "sky is the blue", "a cat", "no"]
     assert feedback.column("label").to_pylist() == [True, True, False, False]
     assert feedback.column("prompt").to_pylist() == ["q0", "q2", "q0", "q2"]
+    # a completion cut at max_tokens: trained by default, quarantined as `truncated` on request
+    cut = labelled.set_column(labelled.schema.get_field_index("finished"), "finished",
+                              pa.array([True, True, True, True, False, True]))
+    for mask, kept in ((False, 4), (True, 3)):
+        counts = select(cut, "threshold", 0.5, 1, str(tmp_path / "f.parquet"), str(tmp_path / "q.parquet"), mask)
+        assert counts["truncated"] == 1 and counts["desirable"] + counts["undesirable"] == kept
+    assert pq.read_table(tmp_path / "q.parquet").column("reason").to_pylist()[-1] == "truncated"
     for function, shown in (("returns_text", "'yes' (str)"), ("returns_nan", "nan (float)")):
         labelled = Labeler("function", f"online_labelers:{function}")(table)
         with pytest.raises(LabelerError, match=rf"labeler online_labelers:{function} returned {re.escape(shown)}.*round 3 prompt 0 "
@@ -172,11 +180,15 @@ def test_round_ledger_moves_forward_only(tmp_path):
     with pytest.raises(RuntimeError, match="round 1 is labelled; it cannot move to sampled"):
         ledger.advance(1, "sampled")
     ledger.advance(1, "trained", model_path="/m1")
-    assert ledger.latest_model() == "/m1"
-    ledger.advance(1, "done")
+    with pytest.raises(RuntimeError, match="round 1 is trained; it cannot move to trained"):
+        ledger.advance(1, "trained", model_path="/other")  # each phase is recorded once
+    with pytest.raises(RuntimeError, match="it cannot move to skipped"):
+        ledger.advance(1, "skipped")
+    assert ledger.latest_model() == "/m1" and ledger.latest_model(0) is None
+    done = ledger.advance(1, "done")
     with pytest.raises(RuntimeError, match="round 1 is done"):
         ledger.advance(1, "done")
-    assert ledger.begin(1, "other", "other")["policy_model"] == "base"  # a finished row is never rewritten
+    assert ledger.begin(1, "other", "other") == done  # a finished row is never rewritten, by anyone
     ledger.close()
 
 
@@ -216,6 +228,21 @@ def check_sampler(sampler, folders: tuple[str, str], prompts_path: str, out: str
     assert draw("back.parquet") == first  # weights back in place: the first samples again (a round at lr 0)
     sampler.sync(other, "reload")
     np.testing.assert_allclose(sampler.score(*fixed), sequence_logps(other, *fixed), rtol=0, atol=tolerance)
+
+
+def test_a_completion_reads_as_it_does_after_its_prompt(tmp_path):
+    """SentencePiece marks a word's leading space on the word: decoded alone, a completion's first word
+    would lose it, and the feedback text (prompt + completion, re-tokenized by the data stage) would
+    not be what was sampled."""
+    from types import SimpleNamespace
+
+    from tiny import make_sentencepiece_tokenizer
+
+    tokenizer = make_sentencepiece_tokenizer(str(tmp_path / "sp"))
+    ids = tokenizer("the cat is blue", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt)] == prompt and tokenizer.decode(ids[len(prompt):]) == "is blue"
+    assert Sampler.completion_text(SimpleNamespace(tokenizer=tokenizer), prompt, ids[len(prompt):]) == " is blue"
 
 
 def test_hf_sampler_samples_by_seed_and_syncs_exactly(tmp_path, tiny_family):
@@ -268,8 +295,9 @@ def test_vllm_sampler_samples_by_seed_and_syncs_in_place_exactly(tmp_path, tiny_
 
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory, tiny_model):
-    """`launch.py online` (2 rounds of 4 prompts x 4 samples, 2 steps each) killed right after round 2's
-    training, before its ledger record, then the same command again; what each run left behind."""
+    """`launch.py online` (2 rounds of 4 prompts x 4 samples, 2 steps each) killed once round 1's labels
+    are written, then once round 2's training is done (each time before the ledger records it), then the
+    same command again to the end with a third round at learning rate 0; what each run left behind."""
     root = tmp_path_factory.mktemp("online")
     prompts = root / "prompts.jsonl"
     words = "the a cat dog sky is blue green red what why how".split()
@@ -291,33 +319,42 @@ def online_run(tmp_path_factory, tiny_model):
     path.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, ROOT]), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, os.path.join(ROOT, "launch.py"), "online", "--config", str(path)]
-    killed = subprocess.run(command, env={**env, "KTO_ONLINE_FAULT": "2:trained"}, capture_output=True, text=True,
-                            timeout=900)
     run_dir = root / "runs" / "online"
-    round2 = run_dir / "rounds" / "round-0002"
-    before = {"samples": hashlib.sha256((round2 / "samples.parquet").read_bytes()).hexdigest(),
-              "model_mtime": os.stat(round2 / "run" / "model" / "model.safetensors").st_mtime_ns,
-              "ledger": [tuple(r) for r in sqlite3.connect(run_dir / "online.sqlite").execute(
-                  "SELECT round, status FROM rounds ORDER BY round")]}
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    killed, before = [], []
+    for fault in ("1:labelled", "2:trained"):  # after the phase's files are written, before the ledger says so
+        killed.append(subprocess.run(command, env={**env, "KTO_ONLINE_FAULT": fault}, capture_output=True,
+                                     text=True, timeout=900))
+        r = int(fault[0])
+        folder = run_dir / "rounds" / f"round-{r:04d}"
+        before.append({"samples": hashlib.sha256((folder / "samples.parquet").read_bytes()).hexdigest(),
+                       "model_mtime": os.stat(folder / "run" / "model" / "model.safetensors").st_mtime_ns
+                       if r == 2 else None,
+                       "ledger": [tuple(row) for row in sqlite3.connect(run_dir / "online.sqlite").execute(
+                           "SELECT round, status FROM rounds ORDER BY round")]})
+    # to the end, and one round more at learning rate 0 (a resume may add rounds)
+    resumed = subprocess.run(command + ["--set", "online.rounds=3", "--set", "training.learning_rate=0"], env=env,
+                             capture_output=True, text=True, timeout=900)
     return killed, before, resumed, run_dir
 
 
 @pytest.mark.slow
 def test_online_run_resumes_after_a_kill_and_trains_each_round_once(online_run):
     killed, before, resumed, run_dir = online_run
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert before["ledger"] == [(0, "done"), (1, "done"), (2, "labelled")]
+    assert [k.returncode for k in killed] == [-9, -9], killed[-1].stderr[-3000:]
+    assert before[0]["ledger"] == [(0, "done"), (1, "sampled")]
+    assert before[1]["ledger"] == [(0, "done"), (1, "done"), (2, "labelled")]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "round 2 was trained before the run stopped" in resumed.stderr
     ledger = RoundLedger(str(run_dir / "online.sqlite"))
     rounds = ledger.rounds()
     ledger.close()
-    assert [(r["round"], r["status"]) for r in rounds] == [(0, "done"), (1, "done"), (2, "done")]
-    round2 = run_dir / "rounds" / "round-0002"
-    # resumed at the phase where it stopped: the same samples, the training not run again
-    assert hashlib.sha256((round2 / "samples.parquet").read_bytes()).hexdigest() == before["samples"]
-    assert os.stat(round2 / "run" / "model" / "model.safetensors").st_mtime_ns == before["model_mtime"]
+    assert [(r["round"], r["status"]) for r in rounds] == [(0, "done"), (1, "done"), (2, "done"), (3, "done")]
+    # resumed at the phase where it stopped: the samples drawn before each kill, round 2 not trained again
+    for r, seen in zip((1, 2), before):
+        folder = run_dir / "rounds" / f"round-{r:04d}"
+        assert hashlib.sha256((folder / "samples.parquet").read_bytes()).hexdigest() == seen["samples"]
+    assert os.stat(run_dir / "rounds" / "round-0002" / "run" / "model" / "model.safetensors").st_mtime_ns == \
+        before[1]["model_mtime"]
     base = rounds[0]["policy_model"]
     for r in rounds[1:]:
         folder = run_dir / "rounds" / f"round-{r['round']:04d}"
@@ -329,11 +366,15 @@ def test_online_run_resumes_after_a_kill_and_trains_each_round_once(online_run):
         assert c["desirable"] and c["undesirable"] and c["trained_rows"] <= c["desirable"] + c["undesirable"]
         assert r["reference_model"] == base and set(r["timings"]) >= {"sample_s", "label_s", "train_s", "sync_s"}
     # each round samples from the policy the previous round trained
-    assert rounds[1]["policy_model"] == base and rounds[2]["policy_model"] == rounds[1]["model_path"]
-    # the held-out prompts, sampled with the same seed each round: new weights, new samples
+    assert [r["policy_model"] for r in rounds[1:]] == [base, rounds[1]["model_path"], rounds[2]["model_path"]]
+    # the held-out prompts, sampled with the same seed each round: new weights, new samples; at learning
+    # rate 0 (round 3) the weights stay and so do the samples
     held_out = [pq.read_table(run_dir / "rounds" / f"round-{r:04d}" / "held_out_samples.parquet")
-                .column("completion").to_pylist() for r in (0, 1, 2)]
-    assert held_out[0] != held_out[1] != held_out[2]
+                .column("completion").to_pylist() for r in (0, 1, 2, 3)]
+    assert held_out[0] != held_out[1] and held_out[1] != held_out[2] and held_out[0] != held_out[2]
+    assert held_out[3] == held_out[2]
+    weights = [load_file(os.path.join(r["model_path"], "model.safetensors")) for r in rounds[2:]]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert all(r["held_out"]["samples"] == len(held_out[0]) > 0 for r in rounds)
     assert "held-out pass" in resumed.stdout and resumed.stdout.count("done") >= 3
     # the sampler takes exactly the weights the trainers wrote (the run's last sync, done again here)
@@ -347,7 +388,7 @@ def test_online_run_resumes_after_a_kill_and_trains_each_round_once(online_run):
     report = launch_here("report", str(run_dir))
     assert report.returncode == 0, report.stderr
     text = (run_dir / "report" / "report.md").read_text()
-    assert text.count("| done |") == 3 and (run_dir / "report" / "pass_rate.png").stat().st_size > 0
+    assert text.count("| done |") == 4 and (run_dir / "report" / "pass_rate.png").stat().st_size > 0
 
 
 def test_a_one_sided_round_trains_with_a_warning_or_is_skipped():
@@ -361,35 +402,6 @@ def test_a_one_sided_round_trains_with_a_warning_or_is_skipped():
     assert skip and "skipped (online.require_both_labels: true)" in message
     assert one_sided({**counts, "desirable": 1, "undesirable": 0}, require_both=False)[0]  # one row cannot pair
     assert one_sided({**counts, "desirable": 1}, require_both=True) == (False, "")
-
-
-@pytest.mark.slow
-def test_a_round_at_learning_rate_0_samples_what_the_round_before_sampled(tmp_path, tiny_model, ray_local):
-    """One round at learning rate 0, on the session's Ray, with a checker no tiny-model sample passes
-    (every label undesirable: the round trains one side, with a warning): the round's policy is the
-    start model's weights, so the held-out prompts, sampled with the same seed, give the same samples."""
-    from safetensors.torch import load_file
-
-    from conftest import tiny_config
-    from pipeline.online.loop import online
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"what is {w} number {i}"}]}) + "\n"
-                               for i, w in enumerate("cat dog sky river mountain city".split() * 2)))
-    config = tiny_config(tmp_path, tiny_model, "unused", **{
-        "online.prompts": str(prompts), "online.held_out_fraction": 0.3, "online.rounds": 1,
-        "online.prompts_per_round": 4, "online.samples_per_prompt": 2, "online.max_tokens": 6,
-        "online.steps_per_round": 1, "online.labeler": "pipeline.online.demo:json_answer",
-        "training.learning_rate": 0, "output.run_name": "lr0"})
-    summary = online(config)
-    first = summary["rounds"][1]
-    assert first["status"] == "done" and first["desirable"] == 0 and first["undesirable"] == 8
-    start = load_file(os.path.join(tiny_model, "model.safetensors"))
-    trained = load_file(os.path.join(first["model_path"], "model.safetensors"))
-    assert all(torch.equal(start[name], trained[name]) for name in start)
-    held_out = [pq.read_table(os.path.join(config.run_dir, "rounds", f"round-{r:04d}", "held_out_samples.parquet"))
-                for r in (0, 1)]
-    assert held_out[0].num_rows > 0 and held_out[0].column("completion").equals(held_out[1].column("completion"))
 
 
 def test_the_reference_follows_the_policy_every_k_rounds(tmp_path):

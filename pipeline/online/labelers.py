@@ -19,9 +19,14 @@ import importlib
 import json
 import math
 import numbers
+import os
 
 import numpy as np
 import pyarrow as pa
+import ray
+
+from actors.reference import ScoringOptions
+from pipeline.online.select import check_verdicts, held_out_result, select
 
 LABEL_COLUMNS = {"score": pa.float64(), "error": pa.string(), "fatal": pa.string()}
 
@@ -49,8 +54,8 @@ class Labeler:
         if self.kind == "function":
             scores, errors, fatal = self._call_function(prompts, completions)
         else:
-            scores = self._model_scores(prompts, completions)
-            errors, fatal = [None] * len(scores), [None] * len(scores)
+            scores, errors = self._call_model(prompts, completions)
+            fatal = [None] * len(scores)
         for name, values in (("score", scores), ("error", errors), ("fatal", fatal)):
             batch = batch.append_column(name, pa.array(values, LABEL_COLUMNS[name]))
         return batch
@@ -67,18 +72,36 @@ class Labeler:
             scores.append(score), errors.append(None), fatal.append(problem)
         return scores, errors, fatal
 
+    def _call_model(self, prompts: list, completions: list) -> tuple[list, list]:
+        """A model's scores for the batch; where the batch fails, each sample alone, so that only the
+        samples at fault are quarantined (with the error)."""
+        try:
+            return self._model_scores(prompts, completions), [None] * len(prompts)
+        except Exception:
+            scores, errors = [], []
+            for prompt, completion in zip(prompts, completions):
+                try:
+                    scores.append(self._model_scores([prompt], [completion])[0]), errors.append(None)
+                except Exception as error:
+                    scores.append(None), errors.append(f"{type(error).__name__}: {error}"[:500])
+            return scores, errors
+
     def _load_reward_model(self, folder: str, options) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, trust_remote_code=options.trust_remote_code, dtype=getattr(torch, options.dtype)).eval()
+            folder, trust_remote_code=options.trust_remote_code, dtype=getattr(torch, options.dtype)).to(self.device)
+        self.model.eval()
+        self.max_len = options.max_model_len
         if self.model.config.pad_token_id is None:  # it finds each row's last token by the pad id
             self.model.config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # a text too long loses the prompt's start, not the answer's end
 
     def _load_judge(self, folder: str, template: str, backend: str, options) -> None:
         from actors.reference import BACKENDS
@@ -92,7 +115,7 @@ class Labeler:
 
     def _model_scores(self, prompts: list, completions: list) -> list[float]:
         if self.kind == "reward_model":
-            return reward_scores(self.model, self.tokenizer, prompts, completions)
+            return reward_scores(self.model, self.tokenizer, prompts, completions, self.max_len)
         yes, no = self.answers
         room = self.max_len - max(len(yes), len(no))  # a question longer than the engine takes loses its start
         asked = [self.tokenizer(self.template.format(prompt=plain_prompt(p), completion=c))["input_ids"][-room:]
@@ -102,7 +125,8 @@ class Labeler:
         return (1.0 / (1.0 + np.exp(logps[n:] - logps[:n]))).tolist()  # P(yes) / (P(yes) + P(no))
 
 
-def reward_scores(model, tokenizer, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+def reward_scores(model, tokenizer, prompts: list, completions: list, max_length: int,
+                  batch_size: int = 16) -> list[float]:
     """A sequence-classification model's score of each (prompt, completion): a conversation through
     the tokenizer's chat template (as TRL's reward models are trained), text joined."""
     import torch
@@ -112,7 +136,8 @@ def reward_scores(model, tokenizer, prompts: list, completions: list, batch_size
              for p, c in zip(prompts, completions)]
     scores = []
     for first in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True)
+        encoded = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length).to(model.device)
         with torch.no_grad():
             logits = model(**encoded).logits.float()
         scores += (logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]).tolist()
@@ -127,3 +152,25 @@ def as_score(value) -> tuple[float | None, str | None]:
     if isinstance(value, numbers.Real) and math.isfinite(float(value)):
         return float(value), None
     return None, f"returned {value!r} ({type(value).__name__}); expected a bool or a finite number"
+
+
+def label_samples(samples_path: str, kind: str, labeler: str, judge_template: str, backend: str,
+                  options: ScoringOptions, where: str, replicas: int, gpus: float, selection, threshold: float) -> dict:
+    """Ray task: the labeler over the samples (its pool: one actor for a function, `replicas` for a
+    model), its verdicts checked; then the round's feedback written (selection = (rule, threshold, round,
+    mask_truncated)), or the held-out result returned."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a task's bars only fill the driver's log
+    dataset = ray.data.read_parquet(samples_path).map_batches(
+        Labeler, fn_constructor_kwargs={"kind": kind, "labeler": labeler, "judge_template": judge_template,
+                                        "backend": backend, "options": options},
+        batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1 if kind == "function"
+                                                                                  else replicas),
+        num_cpus=1, num_gpus=0 if kind == "function" else gpus)
+    table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    check_verdicts(table, labeler, where)
+    if selection is None:
+        return held_out_result(table, threshold)
+    rule, threshold, r, mask_truncated = selection
+    folder = os.path.dirname(samples_path)
+    return select(table, rule, threshold, r, os.path.join(folder, "feedback.parquet"),
+                  os.path.join(folder, "quarantined.parquet"), mask_truncated)

@@ -21,6 +21,9 @@ from typing import Optional
 
 PHASES = ("started", "sampled", "labelled", "trained", "done", "skipped")
 FINISHED = ("done", "skipped")
+# Each phase's one way on (round 0 is measured only: started -> done)
+NEXT = {"started": ("sampled", "done"), "sampled": ("labelled",), "labelled": ("trained", "skipped"),
+        "trained": ("done",)}
 JSON_FIELDS = ("counts", "held_out", "metrics", "timings")
 SCHEMA = """CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,              -- 0: the start model, measured only
@@ -78,11 +81,12 @@ class RoundLedger:
 
     def advance(self, round_number: int, status: str, **fields) -> dict:
         """Move the round forward to `status`, merging the JSON fields given (counts, timings ...) into
-        what is recorded. Refuses to move a round backwards or to touch a finished one."""
+        what is recorded. Refuses any move but the next phase's (NEXT): no phase is recorded twice, and a
+        finished round is never touched."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             row = self.get(round_number)
-            if row is None or row["status"] in FINISHED or PHASES.index(status) < PHASES.index(row["status"]):
+            if row is None or status not in NEXT.get(row["status"], ()):
                 raise RuntimeError(f"online ledger {self.path}: round {round_number} is "
                                    f"{row and row['status']}; it cannot move to {status}")
             values = {"status": status}

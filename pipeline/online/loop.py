@@ -22,7 +22,6 @@ import os
 import signal
 import time
 
-import pyarrow as pa
 import ray
 import yaml
 
@@ -30,10 +29,11 @@ from actors.reference import ScoringOptions
 from pipeline.cluster import start_ray
 from pipeline.config import Config, EvalConfig
 from pipeline.models import resolve_model_path
+from pipeline.online.checks import check_labeler, check_resources, check_resumable, task_result
+from pipeline.online.labelers import label_samples
 from pipeline.online.ledger import FINISHED, RoundLedger
 from pipeline.online.prompts import prepare_prompts, round_rows
 from pipeline.online.sampler import Sampler, Sampling
-from pipeline.online.select import check_verdicts, held_out_result, select
 
 log = logging.getLogger("kto")
 FAULT = "KTO_ONLINE_FAULT"
@@ -45,16 +45,19 @@ def online(config: Config) -> dict:
     """All rounds (those the ledger has not finished); returns the per-round summary it writes."""
     o, run_dir = config.online, config.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    check_resumable(config)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
     start_ray(config)
+    check_resources(config)
+    task_result(ray.remote(check_labeler).options(num_cpus=0).remote(o.labeler_kind, o.labeler))
     base = resolve_model_path(config.model.name_or_path, config.model.cache_dir)
     if o.generate_demo:
         from pipeline.online.demo import ensure_demo_prompts
 
         ensure_demo_prompts(o.prompts)
     prompts_dir = os.path.join(run_dir, "prompts")
-    prompts = ray.get(ray.remote(prepare_prompts).options(num_cpus=0).remote(
+    prompts = task_result(ray.remote(prepare_prompts).options(num_cpus=0).remote(
         o.prompts, prompts_dir, o.held_out_fraction, config.data.max_text_chars))
     log.info("online prompts: %d read, %d for training, %d held out, %d rejected%s", prompts["read"],
              prompts["train"], prompts["held_out"], prompts["rejected"],
@@ -150,11 +153,11 @@ class Rounds:
         """Score the samples on the labeler's actor pool; select round r's feedback beside them, or
         (held-out samples: r None) return the pass rate."""
         o = self.o
-        return ray.get(ray.remote(label_samples).options(num_cpus=0).remote(
+        return task_result(ray.remote(label_samples).options(num_cpus=0).remote(
             samples_path, o.labeler_kind, o.labeler, o.judge_template, o.backend,
             dataclasses.replace(self.options, max_model_len=self.options.max_model_len + JUDGE_TEMPLATE_TOKENS), where,
             self.config.reference.num_replicas, self.config.reference.num_gpus_per_replica,
-            None if r is None else (o.selection, o.threshold, r), o.threshold))
+            None if r is None else (o.selection, o.threshold, r, o.mask_truncated_completions), o.threshold))
 
     def _train(self, r: int, row: dict, folder: str) -> dict:
         from pipeline.run import train
@@ -186,7 +189,8 @@ class Rounds:
 
     def round_config(self, r: int, row: dict, folder: str) -> Config:
         """The user's config with what a round decides: its feedback, its start and reference models,
-        its step count and its run directory (rounds/round-NNNN/run, resumable from its checkpoints)."""
+        its step count and its run directory (rounds/round-NNNN/run, resumable from its checkpoints; with
+        output.storage_path, checkpoints in <storage_path>/<run_name>/round-NNNN/run)."""
         c = self.config
         return dataclasses.replace(
             c, data=dataclasses.replace(c.data, path=os.path.join(folder, "feedback.parquet"), format="unpaired",
@@ -196,7 +200,9 @@ class Rounds:
             training=dataclasses.replace(c.training, max_steps=self.o.steps_per_round),
             lora=dataclasses.replace(c.lora, save_merged=bool(c.lora.r)),  # the sampler and next round load it
             eval=EvalConfig(),  # the held-out prompts measure the round
-            output=dataclasses.replace(c.output, output_dir=folder, run_name="run", resume=True))
+            output=dataclasses.replace(c.output, output_dir=folder, run_name="run", resume=True,
+                                       storage_path=c.output.storage_path and "/".join(
+                                           (c.output.storage_path.rstrip("/"), c.output.run_name, f"round-{r:04d}"))))
 
     def held_out(self, r: int) -> tuple[dict, float]:
         """The held-out prompts (at most online.held_out_max_prompts, the same ones every round) sampled
@@ -241,29 +247,6 @@ def one_sided(counts: dict, require_both: bool) -> tuple[bool, str]:
         return True, f"{facts}: skipped (online.require_both_labels: true)"
     return False, (f"{facts}: training on one side of the KTO loss (online.require_both_labels: true skips "
                    "such rounds)")
-
-
-def label_samples(samples_path: str, kind: str, labeler: str, judge_template: str, backend: str,
-                  options: ScoringOptions, where: str, replicas: int, gpus: float, selection, threshold: float) -> dict:
-    """Ray task: the labeler over the samples on a Ray Data actor pool, its verdicts checked; then the
-    round's feedback written (selection = (rule, threshold, round)), or the held-out result returned."""
-    from pipeline.online.labelers import Labeler
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # a task's bars only fill the driver's log
-    dataset = ray.data.read_parquet(samples_path).map_batches(
-        Labeler, fn_constructor_kwargs={"kind": kind, "labeler": labeler, "judge_template": judge_template,
-                                        "backend": backend, "options": options},
-        batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1 if kind == "function"
-                                                                                  else replicas),
-        num_cpus=1, num_gpus=0 if kind == "function" else gpus)
-    table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
-    check_verdicts(table, labeler, where)
-    if selection is None:
-        return held_out_result(table, threshold)
-    rule, threshold, r = selection
-    folder = os.path.dirname(samples_path)
-    return select(table, rule, threshold, r, os.path.join(folder, "feedback.parquet"),
-                  os.path.join(folder, "quarantined.parquet"))
 
 
 def _rate(result: dict) -> str:

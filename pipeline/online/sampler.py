@@ -42,9 +42,9 @@ class Sampling:
 
 
 class HFEngine(HFBackend):
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, eos: int) -> list[list[list[int]]]:
-        """n completions a prompt (token ids, up to and without EOS): seeded once for the whole call,
-        so the same prompts, weights and seed give the same samples."""
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, stop: list[int]) -> list[list[list[int]]]:
+        """n completions a prompt (token ids, up to and without the first stop id): seeded once for the
+        whole call, so the same prompts, weights and seed give the same samples."""
         import torch
 
         greedy = sampling.temperature == 0
@@ -60,9 +60,9 @@ class HFEngine(HFBackend):
                 generated = self.model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=not greedy, max_new_tokens=sampling.max_tokens,
                     num_return_sequences=1 if greedy else sampling.n, pad_token_id=self.pad_token_id,
-                    eos_token_id=eos, **({} if greedy else {"temperature": sampling.temperature,
+                    eos_token_id=stop, **({} if greedy else {"temperature": sampling.temperature,
                                                             "top_p": sampling.top_p, "top_k": 0}))
-            rows = [_until_eos(row, eos) for row in generated[:, width:].tolist()]
+            rows = [_until_stop(row, stop) for row in generated[:, width:].tolist()]
             per_prompt = 1 if greedy else sampling.n
             out += [rows[i * per_prompt:(i + 1) * per_prompt] * (sampling.n if greedy else 1)
                     for i in range(len(chunk))]
@@ -87,17 +87,17 @@ class HFEngine(HFBackend):
 
 
 class VLLMEngine(VLLMBackend):
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, eos: int) -> list[list[list[int]]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, stop: list[int]) -> list[list[list[int]]]:
         """n completions a prompt; prompt i is seeded with seed + i (vLLM seeds each request), so a
         prompt's samples do not depend on what else is in the batch."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_tokens, seed=sampling.seed + i, stop_token_ids=[eos],
+                                 max_tokens=sampling.max_tokens, seed=sampling.seed + i, stop_token_ids=stop,
                                  detokenize=False) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        return [[_until_eos(list(c.token_ids), eos) for c in output.outputs] for output in outputs]
+        return [[_until_stop(list(c.token_ids), stop) for c in output.outputs] for output in outputs]
 
     def load_weights(self, folder: str) -> None:
         """vLLM's in-place reload from a model folder; cached prefixes were computed with the old weights.
@@ -119,8 +119,23 @@ def _prepare_tied_head(model) -> None:
 ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}
 
 
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[:ids.index(eos)] if eos in ids else ids
+def _until_stop(ids: list[int], stop: list[int]) -> list[int]:
+    ends = [ids.index(token) for token in stop if token in ids]
+    return ids[:min(ends)] if ends else ids
+
+
+def stop_ids(model_path: str, tokenizer) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS and the model's generation config's (Llama 3
+    ends a turn with <|eot_id|>, listed there beside <|end_of_text|>)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return sorted(ids)
 
 
 class Sampler:
@@ -135,7 +150,13 @@ class Sampler:
 
         self.tokenizer = load_tokenizer(tokenizer_path, options.trust_remote_code)
         self.appends_eos = appends_eos(self.tokenizer)
+        self.stop = stop_ids(model_path, self.tokenizer)
         self.backend, self.options, self.max_prompt_length = backend, options, max_prompt_length
+        if backend == "hf":
+            import torch
+
+            # Ray gives an actor that books no CPU one thread; the sampler runs alone in its phase
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.engine = ENGINES[backend](model_path, self.tokenizer.pad_token_id, options)
         self.model_path = model_path
 
@@ -155,6 +176,13 @@ class Sampler:
             ids = ids[:head] + ids[len(ids) - self.max_prompt_length + head:]
         return ids
 
+    def completion_text(self, prompt: list[int], completion: list[int]) -> str:
+        """The completion's text as it reads after its prompt: decoded together with the prompt and the
+        prompt's text cut off (alone, a SentencePiece completion would lose its leading space)."""
+        decode = self.tokenizer.decode
+        whole, head = decode(prompt + completion, skip_special_tokens=True), decode(prompt, skip_special_tokens=True)
+        return whole[len(head):] if whole.startswith(head) else decode(completion, skip_special_tokens=True)
+
     def sample(self, prompts_path: str, rows: list[int] | None, sampling: Sampling, out_path: str) -> dict:
         """Sample the prompts at `rows` of a prompt file (all of them: None) into out_path (written
         under a temporary name, then renamed: present means complete, and is kept: a run killed after
@@ -166,14 +194,13 @@ class Sampler:
         table = pq.read_table(prompts_path)
         rows = list(range(table.num_rows)) if rows is None else rows
         texts = table.column("prompt_json").take(pa.array(rows, pa.int64())).to_pylist()
-        eos = self.tokenizer.eos_token_id
-        completions = self.engine.generate([self.prompt_ids(json.loads(t)) for t in texts], sampling, eos)
+        prompts = [self.prompt_ids(json.loads(t)) for t in texts]
+        completions = self.engine.generate(prompts, sampling, self.stop)
         columns = {name: [] for name in SAMPLE_SCHEMA.names}
-        for row, text, samples in zip(rows, texts, completions):
+        for row, text, prompt, samples in zip(rows, texts, prompts, completions):
             for k, ids in enumerate(samples):
                 for name, value in zip(SAMPLE_SCHEMA.names, (
-                        row, text, k, self.tokenizer.decode(ids, skip_special_tokens=True), len(ids),
-                        len(ids) < sampling.max_tokens)):
+                        row, text, k, self.completion_text(prompt, ids), len(ids), len(ids) < sampling.max_tokens)):
                     columns[name].append(value)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         pq.write_table(pa.table(columns, schema=SAMPLE_SCHEMA), out_path + ".partial")

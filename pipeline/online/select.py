@@ -38,12 +38,14 @@ def check_verdicts(table: pa.Table, labeler: str, where: str) -> None:
 
 
 def select(table: pa.Table, selection: str, threshold: float, round_number: int, feedback_path: str,
-           quarantine_path: str) -> dict:
-    """Write the round's feedback and quarantined samples; return the counts."""
+           quarantine_path: str, mask_truncated: bool = False) -> dict:
+    """Write the round's feedback and quarantined samples; return the counts. With mask_truncated,
+    completions cut at max_tokens are quarantined as `truncated`."""
     errors = table.column("error").to_pylist()
     empty = [not c.strip() for c in table.column("completion").to_pylist()]
-    reasons = [f"labeler_raised: {e}" if e else "empty_completion" if blank else ""
-               for e, blank in zip(errors, empty)]
+    truncated = [not finished for finished in table.column("finished").to_pylist()]
+    reasons = [f"labeler_raised: {e}" if e else "empty_completion" if blank else "truncated" if cut and mask_truncated
+               else "" for e, blank, cut in zip(errors, empty, truncated)]
     quarantined = [i for i, r in enumerate(reasons) if r]
     _write(table.take(pa.array(quarantined, pa.int64())).append_column(
         "reason", pa.array([reasons[i] for i in quarantined], pa.string())), quarantine_path)
@@ -64,7 +66,7 @@ def select(table: pa.Table, selection: str, threshold: float, round_number: int,
     feedback = _feedback(table.take(pa.array(rows, pa.int64())), [labels[i] for i in rows], round_number)
     _write(feedback, feedback_path)
     scored = scores[usable]
-    return {"samples": table.num_rows, "quarantined": len(quarantined),
+    return {"samples": table.num_rows, "truncated": sum(truncated), "quarantined": len(quarantined),
             "quarantined_by_reason": _count(r.split(":")[0] for r in reasons if r),
             "desirable": sum(labels.values()), "undesirable": len(labels) - sum(labels.values()),
             "unused": len(usable) - len(labels), "pass_rate": _share(scored >= threshold),
