@@ -222,6 +222,8 @@ class OnlineConfig:
     max_tokens: int = ranged(64, ge=1)
     seed: int = ranged(0, ge=0, le=2**31 - 1)
     backend: str = one_of("hf", ("hf", "vllm"))  # the sampler (and a judge): transformers' generate or a vLLM engine
+    # sampler actors, each holding reference.num_gpus_per_replica GPUs for the run; a round's prompts are split among them
+    num_samplers: int = ranged(1, ge=1)
     # in_place: the running engine loads the round's weights (vLLM's reload_weights; hf: load_state_dict)
     # reload: a new engine from the round's model folder
     weight_sync: str = one_of("in_place", ("in_place", "reload"))

@@ -295,7 +295,7 @@ def test_vllm_sampler_samples_by_seed_and_syncs_in_place_exactly(tmp_path, tiny_
 
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory, tiny_model):
-    """`launch.py online` (2 rounds of 4 prompts x 4 samples, 2 steps each) killed once round 1's labels
+    """`launch.py online` (2 rounds of 4 prompts x 4 samples on 2 samplers, 2 steps each) killed once round 1's labels
     are written, then once round 2's training is done (each time before the ledger records it), then the
     same command again to the end with a third round at learning rate 0; what each run left behind."""
     root = tmp_path_factory.mktemp("online")
@@ -306,7 +306,7 @@ def online_run(tmp_path_factory, tiny_model):
     config = {
         "online": {"prompts": str(prompts), "held_out_fraction": 0.25, "rounds": 2, "prompts_per_round": 4,
                    "samples_per_prompt": 4, "temperature": 1.0, "max_tokens": 8, "labeler_kind": "function",
-                   "labeler": "online_labelers:even_length", "steps_per_round": 2},
+                   "labeler": "online_labelers:even_length", "steps_per_round": 2, "num_samplers": 2},
         "data": {"kl_block_size": 4, "max_rejected_fraction": 0.5},
         "model": {"name_or_path": tiny_model, "cache_dir": str(root / "models")},
         "reference": {"cache_dir": str(root / "cache")},

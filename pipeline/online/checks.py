@@ -42,13 +42,14 @@ def check_resources(config: Config) -> None:
         return
     trainers = s.num_workers * s.resources_per_worker.get("GPU", 1) if s.use_gpu else 0
     busiest = max(trainers, r.num_replicas * r.num_gpus_per_replica)
+    held = config.online.num_samplers * r.num_gpus_per_replica
     available = ray.cluster_resources().get("GPU", 0)
-    if available < r.num_gpus_per_replica + busiest:
+    if available < held + busiest:
         raise ConfigError(
-            f"the sampler holds reference.num_gpus_per_replica = {r.num_gpus_per_replica:g} GPUs for the whole run "
-            f"and the busiest phase needs {busiest:g} more (trainers {trainers:g}, reference or labeler replicas "
-            f"{r.num_replicas * r.num_gpus_per_replica:g}); Ray has {available:g}: lower scaling.num_workers or "
-            "reference.num_replicas, or add GPUs")
+            f"online.num_samplers = {config.online.num_samplers} samplers of reference.num_gpus_per_replica = "
+            f"{r.num_gpus_per_replica:g} GPUs hold {held:g} for the whole run and the busiest phase needs {busiest:g} more (trainers {trainers:g}, reference or labeler replicas "
+            f"{r.num_replicas * r.num_gpus_per_replica:g}); Ray has {available:g}: lower online.num_samplers, "
+            "scaling.num_workers or reference.num_replicas, or add GPUs")
 
 
 def check_labeler(kind: str, labeler: str) -> None:

@@ -1,13 +1,13 @@
 """`launch.py online`: KTO from a checker, round after round, as one resumable Ray program.
 
     prompts (once) -> round 0: the start model's held-out pass rate
-    each round r:  sample  the sampler actor draws online.samples_per_prompt completions for the
-                           round's prompts from the policy it holds   (sampler.py)
+    each round r:  sample  the sampler actors (online.num_samplers) draw online.samples_per_prompt
+                           completions for the round's prompts from the policy they hold   (sampler.py)
                    label   the labeler scores them on a Ray Data actor pool; select.py turns scores
                            into feedback (quarantining samples the labeler raised on)
                    train   the normal `train` flow on that feedback (data stage, reference scoring,
                            online.steps_per_round KTO steps on the Ray Train workers)   (run.py)
-                   sync    the sampler takes the new weights; the held-out pass rate is measured
+                   sync    the samplers take the new weights; the held-out pass rate is measured
 The ledger (ledger.py) records each phase after its outputs are on disk: a killed run resumes at the
 round and phase where it stopped and never trains a round twice.
 
@@ -33,7 +33,7 @@ from pipeline.online.checks import check_labeler, check_resources, check_resumab
 from pipeline.online.labelers import label_samples
 from pipeline.online.ledger import FINISHED, RoundLedger
 from pipeline.online.prompts import prepare_prompts, round_rows
-from pipeline.online.sampler import Sampler, Sampling
+from pipeline.online.sampler import SamplerPool, Sampling
 
 log = logging.getLogger("kto")
 FAULT = "KTO_ONLINE_FAULT"
@@ -86,12 +86,11 @@ class Rounds:
         options = dataclasses.replace(ScoringOptions.from_config(config),
                                       max_model_len=config.kto.max_prompt_length + self.o.max_tokens)
         self.options = options
-        # The sampler is idle while the workers train: it books no CPU (the loop runs one phase at a time).
-        self.sampler = ray.remote(Sampler).options(num_cpus=0, num_gpus=r.num_gpus_per_replica).remote(
-            self.o.backend, ledger.latest_model() or base, base, options, config.kto.max_prompt_length)
+        self.sampler = SamplerPool(self.o.num_samplers, r.num_gpus_per_replica, self.o.backend,
+                                   ledger.latest_model() or base, base, options, config.kto.max_prompt_length)
 
     def stop(self) -> None:
-        ray.kill(self.sampler)
+        self.sampler.stop()
 
     def round_dir(self, r: int) -> str:
         return os.path.join(self.config.run_dir, "rounds", f"round-{r:04d}")
@@ -100,7 +99,7 @@ class Rounds:
         row = self.ledger.begin(0, self.base, self.base)
         if row["status"] in FINISHED:
             return
-        ray.get(self.sampler.sync.remote(self.base, self.o.weight_sync))
+        self.sampler.sync(self.base, self.o.weight_sync)
         held_out, seconds = self.held_out(0)
         self.ledger.advance(0, "done", held_out=held_out, timings={"held_out_s": seconds}, counts=self.prompts)
         log.info("round 0 (the start model): held-out pass rate %s", _rate(held_out))
@@ -127,7 +126,7 @@ class Rounds:
             if row["status"] == "skipped":
                 return
         started = time.time()
-        sync_s = ray.get(self.sampler.sync.remote(row["model_path"], self.o.weight_sync))
+        sync_s = self.sampler.sync(row["model_path"], self.o.weight_sync)
         held_out, held_out_s = self.held_out(r) if self.prompts["held_out"] else (None, 0.0)
         row = self.ledger.advance(r, "done", held_out=held_out or {},
                                   timings={"sync_s": sync_s, "held_out_s": held_out_s,
@@ -136,12 +135,11 @@ class Rounds:
         log.info("round %d done: held-out pass rate %s; seconds %s", r, _rate(held_out or {}), row["timings"])
 
     def _sample(self, r: int, row: dict, folder: str) -> dict:
-        ray.get(self.sampler.sync.remote(row["policy_model"], self.o.weight_sync))  # a resumed run's sampler
+        self.sampler.sync(row["policy_model"], self.o.weight_sync)  # a resumed run's samplers
         path = os.path.join(folder, "samples.parquet")
         rows = round_rows(self.prompts["train"], r, self.o.prompts_per_round, self.o.seed)
-        stats = ray.get(self.sampler.sample.remote(os.path.join(self.prompts_dir, "train.parquet"), rows,
-                                                   Sampling.from_config(self.o, self.o.seed + ROUND_SEED_STRIDE * r),
-                                                   path))
+        stats = self.sampler.sample(os.path.join(self.prompts_dir, "train.parquet"), rows,
+                                    Sampling.from_config(self.o, self.o.seed + ROUND_SEED_STRIDE * r), path)
         _fault(r, "sampled")
         log.info("round %d sampled: %d completions of %d prompts, %d tokens, %.1f s", r, stats["samples"], len(rows),
                  stats["tokens"], stats["seconds"])
@@ -212,8 +210,8 @@ class Rounds:
         path = os.path.join(self.round_dir(r), "held_out_samples.parquet")
         count = self.prompts["held_out"]
         rows = sorted(round_rows(count, 1, min(count, self.o.held_out_max_prompts), self.o.seed))
-        ray.get(self.sampler.sample.remote(os.path.join(self.prompts_dir, "held_out.parquet"), rows,
-                                           Sampling.from_config(self.o, self.o.seed), path))
+        self.sampler.sample(os.path.join(self.prompts_dir, "held_out.parquet"), rows,
+                            Sampling.from_config(self.o, self.o.seed), path)
         return self.label(path, f"round {r} held-out"), round(time.time() - started, 2)
 
     def table(self) -> list[dict]:

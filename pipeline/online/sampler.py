@@ -12,6 +12,7 @@ same loader, dtype and options, and the same `score` (summed log-probs of given 
 is how a test checks that the sampler holds exactly the trainer's weights after a sync.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -226,3 +227,49 @@ class Sampler:
     def score(self, prompt_ids: list, completion_ids: list) -> list[float]:
         """Summed log-probs of the completions under the weights the engine holds."""
         return [float(x) for x in self.engine.score(prompt_ids, completion_ids)]
+
+
+class SamplerPool:
+    """online.num_samplers Sampler actors, on the driver's side: every sync goes to all of them, and a
+    call's prompts are split among them in contiguous shares (prompt i keeps the seed it has with one
+    vLLM sampler: each share's seed starts at its first index), their parts joined into one file."""
+
+    def __init__(self, count: int, num_gpus: float, *args):
+        import ray
+
+        # Idle while the workers train, a sampler books no CPU (the loop runs one phase at a time).
+        self.actors = [ray.remote(Sampler).options(num_cpus=0, num_gpus=num_gpus).remote(*args) for _ in range(count)]
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def sync(self, model_path: str, mode: str) -> float:
+        import ray
+
+        return max(ray.get([actor.sync.remote(model_path, mode) for actor in self.actors]))
+
+    def sample(self, prompts_path: str, rows: list[int], sampling: Sampling, out_path: str) -> dict:
+        import ray
+
+        size = -(-len(rows) // len(self.actors))
+        starts = list(range(0, len(rows), size))
+        if os.path.exists(out_path) or len(starts) == 1:
+            return ray.get(self.actors[0].sample.remote(prompts_path, rows, sampling, out_path))
+        parts = [f"{out_path}.part{j}" for j in range(len(starts))]
+        stats = ray.get([actor.sample.remote(prompts_path, rows[start:start + size],
+                                             dataclasses.replace(sampling, seed=sampling.seed + start), part)
+                         for actor, start, part in zip(self.actors, starts, parts)])
+        ray.get(ray.remote(join_parts).options(num_cpus=0).remote(parts, out_path))
+        return {"samples": sum(s["samples"] for s in stats), "tokens": sum(s["tokens"] for s in stats),
+                "seconds": max(s["seconds"] for s in stats), "sampling": stats[0]["sampling"]}
+
+
+def join_parts(parts: list[str], out_path: str) -> None:
+    """Ray task: the samplers' parts as one file, in order (written, then renamed; the parts go after)."""
+    pq.write_table(pa.concat_tables([pq.read_table(part) for part in parts]), out_path + ".partial")
+    os.replace(out_path + ".partial", out_path)
+    for part in parts:
+        os.remove(part)
