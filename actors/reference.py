@@ -66,7 +66,7 @@ class VLLMBackend:
     actual token only) of prompt + completion, generating one throw-away token; the
     completion positions are summed. Runs on vLLM's CUDA build or its CPU build alike."""
 
-    def __init__(self, model_path: str, pad_token_id: int, options: ScoringOptions):
+    def __init__(self, model_path: str, pad_token_id: int, options: ScoringOptions, **engine_args):
         import torch
 
         # In-process engine: starts in seconds inside a Ray actor and exits cleanly.
@@ -88,6 +88,7 @@ class VLLMBackend:
             # Requests that ask for prompt log-probs skip prefix-cache reads anyway (measured: the
             # same values with it on and off), so the cache would only cost memory.
             enable_prefix_caching=False,
+            **engine_args,
         )
         self.sampling = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
 

@@ -284,11 +284,20 @@ def test_vllm_sampler_samples_by_seed_and_syncs_in_place_exactly(tmp_path, tiny_
 
     model, _, _, *tied = tiny_family
     prompts = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"prompt_json": [json.dumps("the cat is"), json.dumps("what color is the sky")]}), prompts)
+    # two short prompts, then enough long ones that a call's prompts x samples pass the 4,096 tokens vLLM's
+    # CPU build prefills in one step (a partly prefilled seeded request once crashed it)
+    long = [json.dumps(" ".join(["the sky is blue and the cat is red"] * 5) + f" {i}") for i in range(72)]
+    pq.write_table(pa.table({"prompt_json": [json.dumps("the cat is"), json.dumps("what color is the sky")] + long}),
+                   prompts)
     options = ScoringOptions(max_model_len=64, cache_root=str(tmp_path / "vllm"))
     sampler = ray_local.remote(Sampler).options(num_cpus=1).remote("vllm", tied[0], model, options, 32)
     try:
         check_sampler(Remote(sampler), tied, str(prompts), str(tmp_path), tolerance=AGREEMENT_NATS)
+        sampling, draws = Sampling(n=2, temperature=1.0, top_p=1.0, max_tokens=4, seed=9), []
+        for name in ("all.parquet", "all-again.parquet"):
+            stats = ray_local.get(sampler.sample.remote(str(prompts), None, sampling, str(tmp_path / name)))
+            draws.append(pq.read_table(tmp_path / name).column("completion").to_pylist())
+        assert stats["samples"] == 148 and draws[0] == draws[1]
     finally:
         ray_local.kill(sampler)
 

@@ -44,6 +44,15 @@ def _tokenizer_facts(path: str, trust_remote_code: bool) -> tuple[tuple[str, ...
     return control_tokens(tok), appends_eos(tok)
 
 
+def cut_prompt(ids: list[int], bos: Optional[int], max_prompt_length: int) -> list[int]:
+    """A prompt cut from the left to max_prompt_length tokens, keeping its BOS (the end of a prompt is
+    what the completion answers); the online sampler cuts the prompts it samples from alike."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    head = 1 if bos is not None and ids[:1] == [bos] else 0
+    return ids[:head] + ids[len(ids) - max_prompt_length + head:]
+
+
 def _hash64(*parts: str) -> int:
     digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
@@ -125,9 +134,7 @@ def tokenize_batch(batch: pa.Table, fmt: str, settings) -> pa.Table:
             c_ids = joint[len(p_ids):]
             if not templated and c_ids[-1:] != [eos]:
                 c_ids = c_ids + [eos]
-            head = 1 if p_ids[:1] == [bos] and bos is not None else 0
-            kept = p_ids[:head] + p_ids[head:][len(p_ids) - settings.max_prompt_length:] if (
-                len(p_ids) > settings.max_prompt_length) else p_ids
+            kept = cut_prompt(p_ids, bos, settings.max_prompt_length)
             room = settings.max_length - len(kept)
             if room < 1 or not c_ids:
                 reasons[j] = "no_room_for_completion"

@@ -9,6 +9,7 @@ import json
 import os
 import random
 
+from pipeline.cache import publish_file
 from pipeline.data.demo import qa_pairs
 
 INSTRUCTION = ' Answer with a JSON object of the form {"answer": ...}.'
@@ -31,7 +32,5 @@ def ensure_demo_prompts(path: str, seed: int = 0) -> None:
     questions = [question for question, _ in qa_pairs()]
     random.Random(seed).shuffle(questions)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".partial", "w") as f:
-        for question in questions:
-            f.write(json.dumps({"prompt": [{"role": "user", "content": question + INSTRUCTION}]}) + "\n")
-    os.replace(path + ".partial", path)
+    rows = "".join(json.dumps({"prompt": [{"role": "user", "content": q + INSTRUCTION}]}) + "\n" for q in questions)
+    publish_file(path, lambda file: file.write(rows.encode()))

@@ -10,11 +10,13 @@ order of the training prompts (round_rows).
 
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache import publish_file
 from pipeline.data.formats import DataError
 from pipeline.data.inputs import list_input_files
 from pipeline.data.json_lines import row_limit, rows_of
@@ -28,7 +30,7 @@ REJECTED_SCHEMA = pa.schema([("prompt_json", pa.string()), ("source", pa.string(
 
 def prepare_prompts(path: str, out_dir: str, held_out_fraction: float, max_text_chars: int) -> dict:
     """Write out_dir/train.parquet, held_out.parquet and rejected.parquet; return the counts.
-    Done once a run: a resumed run reads the files it wrote (written under a temporary name, then renamed)."""
+    Done once a run: a resumed run reads the files it wrote (each published whole, counts.json last)."""
     done = os.path.join(out_dir, "counts.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -57,22 +59,12 @@ def prepare_prompts(path: str, out_dir: str, held_out_fraction: float, max_text_
         schema = REJECTED_SCHEMA if name == "rejected" else SCHEMA
         table = pa.table([pa.array([v[i] for v in values], field.type) for i, field in enumerate(schema)],
                          schema=schema)
-        pq.write_table(table, os.path.join(out_dir, f"{name}.parquet.partial"))
-        os.replace(os.path.join(out_dir, f"{name}.parquet.partial"), os.path.join(out_dir, f"{name}.parquet"))
+        publish_file(os.path.join(out_dir, f"{name}.parquet"), lambda file: pq.write_table(table, file))
     counts = {"read": sum(len(v) for v in rows.values()), **{name: len(v) for name, v in rows.items()},
               "conversational": kinds == {"list"},
-              "rejected_by_reason": _by_reason(rows["rejected"])}
-    with open(done + ".partial", "w") as f:
-        json.dump(counts, f, indent=2)
-    os.replace(done + ".partial", done)
+              "rejected_by_reason": dict(Counter(reason for *_, reason in rows["rejected"]))}
+    publish_file(done, lambda file: file.write(json.dumps(counts, indent=2).encode()))
     return counts
-
-
-def _by_reason(rejected: list) -> dict:
-    reasons: dict = {}
-    for *_, reason in rejected:
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return reasons
 
 
 def _read(file: str, kind: str, max_text_chars: int):

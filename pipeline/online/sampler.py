@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.reference import HFBackend, ScoringOptions, VLLMBackend
+from pipeline.cache import publish_file
+from pipeline.data.tokenize import appends_eos, cut_prompt
 
 SAMPLE_SCHEMA = pa.schema([("prompt_index", pa.int64()), ("prompt_json", pa.string()), ("sample", pa.int32()),
                            ("completion", pa.string()), ("completion_tokens", pa.int32()), ("finished", pa.bool_())])
@@ -88,6 +90,16 @@ class HFEngine(HFBackend):
 
 
 class VLLMEngine(VLLMBackend):
+    def __init__(self, model_path: str, pad_token_id: int, options: ScoringOptions):
+        import torch
+
+        # vLLM's CPU build cannot rewind a seeded request's generator when it discards the token of a
+        # partly prefilled prompt ("RuntimeError: CPU Generator does not use offset", once a round's
+        # prompts x samples pass its 4,096 tokens a step): whole prompts a step there.
+        cpu = {} if torch.cuda.is_available() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, options.max_model_len)}
+        super().__init__(model_path, pad_token_id, options, **cpu)
+
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, stop: list[int]) -> list[list[list[int]]]:
         """n completions a prompt; prompt i is seeded with seed + i (vLLM seeds each request), so a
         prompt's samples do not depend on what else is in the batch."""
@@ -146,7 +158,6 @@ class Sampler:
 
     def __init__(self, backend: str, model_path: str, tokenizer_path: str, options: ScoringOptions,
                  max_prompt_length: int):
-        from pipeline.data.tokenize import appends_eos
         from pipeline.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path, options.trust_remote_code)
@@ -172,10 +183,7 @@ class Sampler:
         else:
             ids = tok(prompt, add_special_tokens=True)["input_ids"]
             ids = ids[:-1] if self.appends_eos else ids
-        if len(ids) > self.max_prompt_length:
-            head = 1 if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else 0
-            ids = ids[:head] + ids[len(ids) - self.max_prompt_length + head:]
-        return ids
+        return cut_prompt(ids, tok.bos_token_id, self.max_prompt_length)
 
     def completion_text(self, prompt: list[int], completion: list[int]) -> str:
         """The completion's text as it reads after its prompt: decoded together with the prompt and the
@@ -186,7 +194,7 @@ class Sampler:
 
     def sample(self, prompts_path: str, rows: list[int] | None, sampling: Sampling, out_path: str) -> dict:
         """Sample the prompts at `rows` of a prompt file (all of them: None) into out_path (written
-        under a temporary name, then renamed: present means complete, and is kept: a run killed after
+        whole by pipeline/cache.py's publish_file: present means complete, and is kept: a run killed after
         sampling and before its ledger said so trains on the samples it drew). Returns counts and seconds."""
         started = time.time()
         if os.path.exists(out_path):
@@ -204,8 +212,7 @@ class Sampler:
                         row, text, k, self.completion_text(prompt, ids), len(ids), len(ids) < sampling.max_tokens)):
                     columns[name].append(value)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        pq.write_table(pa.table(columns, schema=SAMPLE_SCHEMA), out_path + ".partial")
-        os.replace(out_path + ".partial", out_path)
+        publish_file(out_path, lambda file: pq.write_table(pa.table(columns, schema=SAMPLE_SCHEMA), file))
         return {"samples": len(columns["sample"]), "tokens": sum(columns["completion_tokens"]),
                 "seconds": round(time.time() - started, 2), "sampling": asdict(sampling)}
 
@@ -268,8 +275,8 @@ class SamplerPool:
 
 
 def join_parts(parts: list[str], out_path: str) -> None:
-    """Ray task: the samplers' parts as one file, in order (written, then renamed; the parts go after)."""
-    pq.write_table(pa.concat_tables([pq.read_table(part) for part in parts]), out_path + ".partial")
-    os.replace(out_path + ".partial", out_path)
+    """Ray task: the samplers' parts as one file, in order (published whole; the parts go after)."""
+    joined = pa.concat_tables([pq.read_table(part) for part in parts])
+    publish_file(out_path, lambda file: pq.write_table(joined, file))
     for part in parts:
         os.remove(part)

@@ -11,12 +11,14 @@ Runs in a Ray task; the driver gets the counts.
 
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cache import publish_file
 from pipeline.data.formats import DataError
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -67,7 +69,7 @@ def select(table: pa.Table, selection: str, threshold: float, round_number: int,
     _write(feedback, feedback_path)
     scored = scores[usable]
     return {"samples": table.num_rows, "truncated": sum(truncated), "quarantined": len(quarantined),
-            "quarantined_by_reason": _count(r.split(":")[0] for r in reasons if r),
+            "quarantined_by_reason": dict(Counter(r.split(":")[0] for r in reasons if r)),
             "desirable": sum(labels.values()), "undesirable": len(labels) - sum(labels.values()),
             "unused": len(usable) - len(labels), "pass_rate": _share(scored >= threshold),
             "mean_score": float(scored.mean()) if len(scored) else None}
@@ -86,13 +88,6 @@ def held_out_result(table: pa.Table, threshold: float) -> dict:
 
 def _share(flags: np.ndarray) -> float | None:
     return float(flags.mean()) if len(flags) else None
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
 
 
 def _interleaved(table: pa.Table, rows: list[int]) -> list[int]:
@@ -124,5 +119,4 @@ def _feedback(table: pa.Table, labels: list[bool], round_number: int) -> pa.Tabl
 
 def _write(table: pa.Table, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path + ".partial")
-    os.replace(path + ".partial", path)
+    publish_file(path, lambda file: pq.write_table(table, file))
